@@ -1,0 +1,12 @@
+"""Token shards and the training data loader.
+
+``ShardWriter`` writes Ember shards; ``open_dataset`` reads Ember, Megatron
+``.bin/.idx`` and llm.c shards; ``TokenLoader`` turns any mix of them into
+batches of fixed-length samples in a seeded, world-size-independent order.
+"""
+
+from ember._native import ShardFormatError
+from ember.data.loader import TokenLoader
+from ember.data.shards import ShardWriter, TokenDataset, open_dataset
+
+__all__ = ["ShardFormatError", "ShardWriter", "TokenDataset", "TokenLoader", "open_dataset"]
