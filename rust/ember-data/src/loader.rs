@@ -74,19 +74,17 @@ struct Slot {
     done: Condvar,
 }
 
-#[derive(Clone)]
 pub struct Ticket(Arc<Slot>);
 
 impl Ticket {
     /// Blocks until the job is done.
-    pub fn wait(&self) -> Result<Filled> {
+    pub fn wait(self) -> Result<Filled> {
         let mut r = self.0.result.lock().unwrap();
-        while r.is_none() {
+        loop {
+            if let Some(done) = r.take() {
+                return done;
+            }
             r = self.0.done.wait(r).unwrap();
-        }
-        match r.as_ref().unwrap() {
-            Ok(f) => Ok(*f),
-            Err(e) => Err(Error::Invalid(e.to_string())),
         }
     }
 }

@@ -235,7 +235,7 @@ impl Loader {
     /// Waits for every queued batch and forgets them.
     fn cancel_all(&mut self, py: Python<'_>) {
         let pending: Vec<_> = self.pending.drain().collect();
-        py.detach(|| pending.iter().for_each(|(_, (t, _, _))| drop(t.wait())));
+        py.detach(|| pending.into_iter().for_each(|(_, (t, _, _))| drop(t.wait())));
     }
 
     /// Repositions the stream at global sample `position`; queued batches are dropped.
@@ -274,7 +274,7 @@ impl Loader {
 impl Drop for Loader {
     fn drop(&mut self) {
         // Buffers must outlive their fills even if Python never called `wait`.
-        for (t, _, _) in self.pending.values() {
+        for (_, (t, _, _)) in self.pending.drain() {
             let _ = t.wait();
         }
     }
