@@ -236,3 +236,11 @@ def test_rank_and_world_size_default_from_environment(tmp_path, monkeypatch):
     assert torch.equal(next(r1)["input_ids"], next(whole)["input_ids"][2:])
     with pytest.raises(ValueError, match="rank 2 is not in"):
         TokenLoader(tmp_path / "a", seq_len=8, batch_size=2, rank=2, world_size=2)
+
+
+def test_fingerprint_follows_weights_not_their_scale(tmp_path):
+    write(tmp_path / "a", [np.full(2000, 1)])
+    write(tmp_path / "b", [np.full(2000, 2)])
+    fp = lambda w: TokenLoader({tmp_path / "a": w[0], tmp_path / "b": w[1]}, seq_len=4, batch_size=8).fingerprint
+    assert fp((3, 1)) == fp((0.75, 0.25))
+    assert fp((3, 1)) != fp((1, 1))

@@ -179,8 +179,11 @@ class TokenLoader:
         n_cu, max_seqlen = self._native.wait(ticket)
         self._position = end
         self._top_up()
-        batch: dict[str, Any] = {k: v[:rows] if k != "cu_seqlens" else v[:n_cu] for k, v in bufs.items()}
+        batch: dict[str, Any] = bufs
+        if rows != self.batch_size:  # only the last batch of a sequential pass without drop_last
+            batch = {k: v[:rows] for k, v in bufs.items()}
         if self._want_cu_seqlens:
+            batch["cu_seqlens"] = bufs["cu_seqlens"][:n_cu]
             batch["max_seqlen"] = max_seqlen
         return batch
 

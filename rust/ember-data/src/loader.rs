@@ -99,6 +99,8 @@ pub struct Loader {
     opts: LoaderOptions,
     shared: Arc<Shared>,
     sampler: Sampler,
+    /// The datasets' weights, for the fingerprint.
+    weights: Vec<f64>,
     sender: Option<Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -135,7 +137,7 @@ impl Loader {
             weights.push(w);
             sources.push(src);
         }
-        let sampler = Sampler::new(sizes, weights, opts.seed, opts.shuffle)?;
+        let sampler = Sampler::new(sizes, weights.clone(), opts.seed, opts.shuffle)?;
         let shared = Arc::new(Shared { sources, seq_len: opts.seq_len });
         let (sender, receiver) = unbounded::<Job>();
         let workers = (0..opts.num_threads.max(1))
@@ -156,7 +158,7 @@ impl Loader {
                     .expect("spawning a loader thread")
             })
             .collect();
-        Ok(Loader { opts, shared, sampler, sender: Some(sender), workers })
+        Ok(Loader { opts, shared, sampler, weights, sender: Some(sender), workers })
     }
 
     pub fn options(&self) -> &LoaderOptions {
@@ -190,8 +192,10 @@ impl Loader {
     /// Identifies the sample stream: the datasets, their weights, `seq_len` and seed.
     pub fn fingerprint(&self) -> u64 {
         let mut h = mix(self.opts.seq_len as u64 ^ (self.opts.shuffle as u64) << 63);
-        for src in &self.shared.sources {
+        let total: f64 = self.weights.iter().sum();
+        for (src, w) in self.shared.sources.iter().zip(&self.weights) {
             h = mix(h ^ src.fingerprint());
+            h = mix(h ^ (w / total).to_bits());
         }
         h
     }
