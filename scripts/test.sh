@@ -11,6 +11,7 @@ VENV=${EMBER_VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
+VENV=$(cd "$VENV" && pwd)
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip "maturin>=1.5,<2"
 
