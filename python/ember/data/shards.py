@@ -113,8 +113,10 @@ class TokenDataset(Sequence):
             raise IndexError(f"{self.name}: document index {i} is out of range for {n} documents")
         path, offset, length, dtype = self._native.doc_location(int(i))
         dt = np.dtype(dtype)
-        if length == 0:
-            return np.empty(0, dtype=dt)
+        if length == 0:  # also covers token files too empty to map
+            empty = np.empty(0, dtype=dt)
+            empty.flags.writeable = False
+            return empty
         raw = self._map(os.fspath(path))[offset : offset + length * dt.itemsize]
         return raw.view(dtype=dt, type=np.ndarray)
 
