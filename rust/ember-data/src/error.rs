@@ -59,6 +59,23 @@ pub enum Error {
 }
 
 impl Error {
+    pub fn bad_header(path: &Path, field: &'static str, offset: u64, detail: String) -> Self {
+        Error::BadHeader { path: path.to_path_buf(), field, offset, detail }
+    }
+
+    /// Fails when a file is shorter than its format's fixed header.
+    pub fn require_header(path: &Path, have: usize, header_len: u64, file_len: u64) -> Result<()> {
+        if (have as u64) < header_len {
+            return Err(Error::SizeMismatch {
+                path: path.to_path_buf(),
+                expected: header_len,
+                actual: file_len,
+                detail: format!("truncated inside the {header_len}-byte header"),
+            });
+        }
+        Ok(())
+    }
+
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         if source.kind() == std::io::ErrorKind::NotFound {
             Error::NotFound { path: path.to_path_buf() }

@@ -43,20 +43,8 @@ pub fn offsets_offset(num_tokens: u64, dtype: DType) -> u64 {
 }
 
 pub(crate) fn probe(path: &Path, head: &[u8], file_len: u64) -> Result<ShardSpec> {
-    let bad = |field: &'static str, offset: u64, detail: String| Error::BadHeader {
-        path: path.to_path_buf(),
-        field,
-        offset,
-        detail,
-    };
-    if (head.len() as u64) < HEADER_LEN {
-        return Err(Error::SizeMismatch {
-            path: path.to_path_buf(),
-            expected: HEADER_LEN,
-            actual: file_len,
-            detail: "truncated inside the 64-byte header".into(),
-        });
-    }
+    let bad = |field, offset, detail| Error::bad_header(path, field, offset, detail);
+    Error::require_header(path, head.len(), HEADER_LEN, file_len)?;
     let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
     let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().unwrap());
     let version = u32_at(8);

@@ -28,20 +28,8 @@ pub fn is_llmc(head: &[u8]) -> bool {
 }
 
 pub(crate) fn probe(path: &Path, head: &[u8], file_len: u64, delimiter: Option<i64>) -> Result<ShardSpec> {
-    let bad = |field: &'static str, offset: u64, detail: String| Error::BadHeader {
-        path: path.to_path_buf(),
-        field,
-        offset,
-        detail,
-    };
-    if (head.len() as u64) < HEADER_LEN {
-        return Err(Error::SizeMismatch {
-            path: path.to_path_buf(),
-            expected: HEADER_LEN,
-            actual: file_len,
-            detail: "truncated inside the 1024-byte header".into(),
-        });
-    }
+    let bad = |field, offset, detail| Error::bad_header(path, field, offset, detail);
+    Error::require_header(path, head.len(), HEADER_LEN, file_len)?;
     let word = |i: usize| i32::from_le_bytes(head[4 * i..4 * i + 4].try_into().unwrap());
     let (dtype, default_delim) = match (word(0), word(1)) {
         (MAGIC_V1, 1) => (DType::U16, 50256),

@@ -42,20 +42,8 @@ pub fn dtype_from_code(code: u8) -> Option<DType> {
 
 /// `idx_path` is the `.idx` file; its `.bin` sibling holds the tokens.
 pub(crate) fn probe(idx_path: &Path, head: &[u8], idx_len: u64) -> Result<ShardSpec> {
-    let bad = |field: &'static str, offset: u64, detail: String| Error::BadHeader {
-        path: idx_path.to_path_buf(),
-        field,
-        offset,
-        detail,
-    };
-    if (head.len() as u64) < ARRAYS_OFFSET {
-        return Err(Error::SizeMismatch {
-            path: idx_path.to_path_buf(),
-            expected: ARRAYS_OFFSET,
-            actual: idx_len,
-            detail: "truncated inside the 34-byte header".into(),
-        });
-    }
+    let bad = |field, offset, detail| Error::bad_header(idx_path, field, offset, detail);
+    Error::require_header(idx_path, head.len(), ARRAYS_OFFSET, idx_len)?;
     let version = u64::from_le_bytes(head[9..17].try_into().unwrap());
     if version != 1 {
         return Err(bad("version", 9, format!("version {version} is not supported (expected 1)")));
