@@ -190,7 +190,9 @@ def test_corrupt_shard_in_a_directory_is_named_when_read(tmp_path):
     bad.write_bytes(bytes(raw))
     with pytest.raises(ShardFormatError, match=r"001: document index entry 1"):
         open_dataset(d)
-    loader = TokenLoader(d, seq_len=10, batch_size=4, shuffle=False)
+    # Plain batches need only tokens; document boundaries are read, and checked, on demand.
+    assert len(list(TokenLoader(d, seq_len=10, batch_size=4, shuffle=False))) == 6  # 250 tokens, 24 samples
+    loader = TokenLoader(d, seq_len=10, batch_size=4, shuffle=False, position_ids=True)
     with pytest.raises(ShardFormatError, match="001"):
         list(loader)
 

@@ -516,13 +516,15 @@ def test_ember_bad_offsets(tmp_path, entry, value, what):
     assert str(p) in str(ei.value)
 
 
-def test_ember_bad_offsets_loader_error_type_without_position_ids(tmp_path):
+def test_ember_bad_offsets_loader_error_type_from_worker_thread(tmp_path):
     """Index errors found while loading are ShardFormatErrors too (docs/formats.md:
-    'Every problem raises ShardFormatError'), even when raised on a worker thread."""
+    'Every problem raises ShardFormatError'), even when raised on a worker thread.
+    Plain batches never read the index, so the error comes with document boundaries."""
     p, _ = _ember_fixture(tmp_path)
     base = ember_offsets_offset(9, 2)
     patch(p, base + 16, struct.pack("<Q", 1))
-    ld = TokenLoader(p, 2, 2, rank=0, world_size=1)
+    assert next(iter(TokenLoader(p, 2, 2, rank=0, world_size=1)))["input_ids"].shape == (2, 2)
+    ld = TokenLoader(p, 2, 2, rank=0, world_size=1, cu_seqlens=True)
     with pytest.raises(ShardFormatError) as ei:
         next(iter(ld))
     assert str(p) in str(ei.value) and "byte" in str(ei.value)

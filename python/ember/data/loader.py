@@ -72,7 +72,8 @@ class TokenLoader:
         prefetch: batches prepared ahead of the consumer.
         pin_memory: place batches in pinned memory (default: when CUDA is available) so
             ``.to("cuda", non_blocking=True)`` is asynchronous.
-        max_open_shards: most shard files mapped at once per dataset.
+        max_open_shards: most shard files mapped at once per dataset (capped at a quarter of
+            the kernel's per-process mapping limit).
         llmc_delimiter: token that starts each document in llm.c shards (default:
             50256 for uint16 shards, 128000 for uint32 shards).
 
@@ -96,7 +97,7 @@ class TokenLoader:
         num_threads: int = 2,
         prefetch: int = 4,
         pin_memory: bool | None = None,
-        max_open_shards: int = 256,
+        max_open_shards: int = 4096,
         llmc_delimiter: int | None = None,
     ):
         if rank is None or world_size is None:
@@ -138,10 +139,8 @@ class TokenLoader:
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         shape = (self.batch_size, self.seq_len)
-        bufs = {
-            "input_ids": torch.empty(shape, dtype=torch.int64, pin_memory=self._pin),
-            "labels": torch.empty(shape, dtype=torch.int64, pin_memory=self._pin),
-        }
+        tokens = torch.empty((2, *shape), dtype=torch.int64, pin_memory=self._pin)
+        bufs = dict(zip(("input_ids", "labels"), tokens.unbind(0)))
         if self._want_position_ids:
             bufs["position_ids"] = torch.empty(shape, dtype=torch.int64, pin_memory=self._pin)
         if self._want_cu_seqlens:
@@ -149,19 +148,23 @@ class TokenLoader:
         return bufs
 
     def _top_up(self) -> None:
-        while len(self._queue) < self._prefetch:
-            bufs = self._buffers()
+        # Refill in groups: one group costs one wake-up of a loader thread.
+        if len(self._queue) > self._prefetch // 2:
+            return
+        groups = [self._buffers() for _ in range(self._prefetch - len(self._queue))]
+        requests = []
+        for bufs in groups:
             pos, cu = bufs.get("position_ids"), bufs.get("cu_seqlens")
-            r = self._native.submit(
-                tuple(bufs.values()),
-                bufs["input_ids"].data_ptr(),
-                bufs["labels"].data_ptr(),
-                None if pos is None else pos.data_ptr(),
-                None if cu is None else cu.data_ptr(),
+            requests.append(
+                (
+                    bufs,
+                    bufs["input_ids"].data_ptr(),
+                    bufs["labels"].data_ptr(),
+                    None if pos is None else pos.data_ptr(),
+                    None if cu is None else cu.data_ptr(),
+                )
             )
-            if r is None:
-                return
-            ticket, rows, _start, end = r
+        for (ticket, rows, _start, end), bufs in zip(self._native.submit(requests), groups):
             self._queue.append((ticket, rows, end, bufs))
 
     def __iter__(self) -> TokenLoader:
@@ -234,6 +237,10 @@ class TokenLoader:
         if position < 0:
             raise ValueError(f"TokenLoader state has a negative position {position}")
         self._seek(position)
+
+    def reset(self) -> None:
+        """Goes back to the first batch (the start of the pass, or of the first epoch)."""
+        self._seek(0)
 
     def _seek(self, position: int) -> None:
         self._native.seek(position)

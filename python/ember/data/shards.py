@@ -137,7 +137,7 @@ def open_dataset(
     check_tokens: bool = False,
     vocab_size: int | None = None,
     llmc_delimiter: int | None = None,
-    max_open_shards: int = 256,
+    max_open_shards: int = 4096,
 ) -> TokenDataset:
     """Opens token shards, detecting the format from the file contents.
 

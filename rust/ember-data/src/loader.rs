@@ -89,10 +89,10 @@ impl Ticket {
     }
 }
 
+/// Batches handed to one worker together: one wake-up of a sleeping thread
+/// costs about as much as filling a batch, so the consumer submits in groups.
 struct Job {
-    plan: Plan,
-    out: Outputs,
-    slot: Arc<Slot>,
+    items: Vec<(Plan, Outputs, Arc<Slot>)>,
 }
 
 pub struct Loader {
@@ -150,9 +150,11 @@ impl Loader {
                         // Drains the queue even after the sender is gone, so that
                         // every submitted buffer is finished before the Loader drops.
                         for job in rx.iter() {
-                            let r = shared.fill(&job.plan, job.out);
-                            *job.slot.result.lock().unwrap() = Some(r);
-                            job.slot.done.notify_all();
+                            for (plan, out, slot) in job.items {
+                                let r = shared.fill(&plan, out);
+                                *slot.result.lock().unwrap() = Some(r);
+                                slot.done.notify_all();
+                            }
                         }
                     })
                     .expect("spawning a loader thread")
@@ -228,10 +230,25 @@ impl Loader {
     /// The buffers behind `out` must be large enough for `plan` and stay valid,
     /// and untouched by the caller, until the ticket completes.
     pub unsafe fn submit(&self, plan: Plan, out: Outputs) -> Ticket {
-        let slot = Arc::new(Slot { result: Mutex::new(None), done: Condvar::new() });
-        let job = Job { plan, out, slot: slot.clone() };
-        self.sender.as_ref().unwrap().send(job).expect("loader threads are running");
-        Ticket(slot)
+        self.submit_group(vec![(plan, out)]).pop().unwrap()
+    }
+
+    /// Queues several batches for one worker, filled in order.
+    ///
+    /// # Safety
+    /// As for [`Loader::submit`], for every item.
+    pub unsafe fn submit_group(&self, batches: Vec<(Plan, Outputs)>) -> Vec<Ticket> {
+        let mut tickets = Vec::with_capacity(batches.len());
+        let items = batches
+            .into_iter()
+            .map(|(plan, out)| {
+                let slot = Arc::new(Slot { result: Mutex::new(None), done: Condvar::new() });
+                tickets.push(Ticket(slot.clone()));
+                (plan, out, slot)
+            })
+            .collect();
+        self.sender.as_ref().unwrap().send(Job { items }).expect("loader threads are running");
+        tickets
     }
 
     /// Fills `out` on the calling thread.

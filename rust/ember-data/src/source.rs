@@ -26,9 +26,34 @@ struct CacheState {
     open: HashMap<usize, (Arc<MappedShard>, u64)>,
 }
 
+impl CacheState {
+    /// Drops the least recently used eighth of the entries. Evicting in bulk keeps
+    /// the cost per miss amortised O(1) however large the cache is.
+    fn evict_oldest(&mut self, at_least: usize) {
+        let n = (self.open.len() / 8).max(at_least).min(self.open.len());
+        if n == 0 {
+            return;
+        }
+        let mut ticks: Vec<u64> = self.open.values().map(|(_, t)| *t).collect();
+        let (_, cutoff, _) = ticks.select_nth_unstable(n - 1);
+        let cutoff = *cutoff;
+        self.open.retain(|_, (_, t)| *t > cutoff);
+    }
+}
+
+/// Most mappings a process may hold (Linux's vm.max_map_count), leaving room for
+/// everything else in the process.
+fn mapping_budget() -> usize {
+    let limit = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(65530);
+    (limit / 4).max(16)
+}
+
 impl ShardCache {
     pub fn new(max_open: usize) -> Self {
-        ShardCache { max_open: max_open.max(1), state: Mutex::new(CacheState::default()) }
+        ShardCache { max_open: max_open.clamp(1, mapping_budget()), state: Mutex::new(CacheState::default()) }
     }
 
     fn get(&self, idx: usize, spec: &Arc<ShardSpec>) -> Result<Arc<MappedShard>> {
@@ -41,15 +66,24 @@ impl ShardCache {
                 return Ok(m.clone());
             }
         }
-        // Map outside the lock: mapping and first validation can take a while.
-        let mapped = Arc::new(MappedShard::open(spec.clone())?);
+        // Map outside the lock. If the process is out of mappings (ENOMEM), give
+        // back half of ours and try once more.
+        let mapped = match MappedShard::open(spec.clone()) {
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(12) => {
+                let mut st = self.state.lock().unwrap();
+                let half = st.open.len() / 2;
+                st.evict_oldest(half);
+                drop(st);
+                MappedShard::open(spec.clone())?
+            }
+            r => r?,
+        };
+        let mapped = Arc::new(mapped);
         let mut st = self.state.lock().unwrap();
         st.tick += 1;
         let tick = st.tick;
         if st.open.len() >= self.max_open {
-            if let Some(&oldest) = st.open.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k) {
-                st.open.remove(&oldest);
-            }
+            st.evict_oldest(1);
         }
         st.open.insert(idx, (mapped.clone(), tick));
         Ok(mapped)
@@ -179,6 +213,7 @@ impl Source {
         while pos < end {
             let (si, local) = self.locate(pos);
             let shard = self.shard(si)?;
+            shard.validate_index()?;
             let shard_end_local = shard.spec.num_tokens.min(local + (end - pos));
             if pos > start {
                 emit(pos - start, &mut f); // a shard boundary starts a document
@@ -208,7 +243,11 @@ impl Source {
         for (i, s) in self.shards.iter().enumerate() {
             total += match s.num_docs_if_known() {
                 Some(n) => n,
-                None => self.shard(i)?.num_docs(),
+                None => {
+                    let shard = self.shard(i)?;
+                    shard.validate_index()?;
+                    shard.num_docs()
+                }
             };
             cum.push(total);
         }
@@ -228,6 +267,7 @@ impl Source {
         }
         let si = cum.partition_point(|&c| c <= i) - 1;
         let shard = self.shard(si)?;
+        shard.validate_index()?;
         let d = i - cum[si];
         let a = shard.doc_start(d);
         Ok((si, a, shard.doc_start(d + 1) - a))
@@ -238,6 +278,7 @@ impl Source {
     pub fn validate(&self, check_tokens: bool, vocab_size: Option<u64>) -> Result<()> {
         for i in 0..self.shards.len() {
             let shard = self.shard(i)?;
+            shard.validate_index()?;
             if !check_tokens {
                 continue;
             }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use ember_data::{self as core, Error, LoaderOptions, Outputs, ProbeOptions, Ticket};
 use pyo3::create_exception;
-use pyo3::exceptions::{PyFileNotFoundError, PyIndexError, PyValueError};
+use pyo3::exceptions::{PyFileNotFoundError, PyIndexError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 
 create_exception!(_native, ShardFormatError, PyValueError, "A shard file is malformed: the message names the file and the offset or field.");
@@ -16,6 +16,7 @@ fn to_py(e: Error) -> PyErr {
     match &e {
         Error::NotFound { .. } => PyFileNotFoundError::new_err(e.to_string()),
         Error::Invalid(_) => PyValueError::new_err(e.to_string()),
+        Error::Io { .. } => PyOSError::new_err(e.to_string()),
         _ => ShardFormatError::new_err(e.to_string()),
     }
 }
@@ -94,7 +95,7 @@ struct Dataset {
 #[pymethods]
 impl Dataset {
     #[new]
-    #[pyo3(signature = (paths, *, llmc_delimiter=None, max_open_shards=256))]
+    #[pyo3(signature = (paths, *, llmc_delimiter=None, max_open_shards=4096))]
     fn new(py: Python<'_>, paths: Vec<PathBuf>, llmc_delimiter: Option<i64>, max_open_shards: usize) -> PyResult<Self> {
         let opts = probe_options(llmc_delimiter);
         let source = py.detach(|| core::Source::open(&paths, &opts, max_open_shards)).map_err(to_py)?;
@@ -154,14 +155,14 @@ struct Loader {
     // Declared first so it drops first: dropping it finishes every queued fill
     // before the buffers below are released.
     inner: core::Loader,
-    pending: HashMap<u64, (Ticket, Py<PyAny>, core::Plan)>,
+    pending: HashMap<u64, (Ticket, Py<PyAny>)>,
     next_id: u64,
 }
 
 #[pymethods]
 impl Loader {
     #[new]
-    #[pyo3(signature = (datasets, seq_len, batch_size, *, rank=0, world_size=1, seed=0, shuffle=true, drop_last=true, num_threads=2, max_open_shards=256, llmc_delimiter=None))]
+    #[pyo3(signature = (datasets, seq_len, batch_size, *, rank=0, world_size=1, seed=0, shuffle=true, drop_last=true, num_threads=2, max_open_shards=4096, llmc_delimiter=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -193,39 +194,47 @@ impl Loader {
         Ok(Loader { inner, pending: HashMap::new(), next_id: 0 })
     }
 
-    /// Plans the next batch and queues it to be written into the given buffers
-    /// (addresses of int64 / int32 memory sized for `batch_size` rows).
-    /// Returns (ticket, rows, start, end), or None at the end of a sequential pass.
-    #[pyo3(signature = (keepalive, input_ids, labels, position_ids=None, cu_seqlens=None))]
-    fn submit(
-        &mut self,
-        keepalive: Py<PyAny>,
-        input_ids: usize,
-        labels: usize,
-        position_ids: Option<usize>,
-        cu_seqlens: Option<usize>,
-    ) -> Option<(u64, usize, u64, u64)> {
-        let plan = self.inner.next_plan()?;
-        let out = Outputs {
-            input_ids: input_ids as *mut i64,
-            labels: labels as *mut i64,
-            position_ids: position_ids.map(|p| p as *mut i64),
-            cu_seqlens: cu_seqlens.map(|p| p as *mut i32),
-        };
-        // SAFETY: the Python wrapper allocates these buffers for batch_size rows
-        // and `keepalive` holds them until `wait` or drop.
-        let ticket = unsafe { self.inner.submit(plan.clone(), out) };
-        let id = self.next_id;
-        self.next_id += 1;
-        let r = (id, plan.samples.len(), plan.start, plan.end);
-        self.pending.insert(id, (ticket, keepalive, plan));
-        Some(r)
+    /// Plans the next batches and queues them, as one group, to be written into
+    /// the given buffers. Each entry is (keepalive, input_ids, labels,
+    /// position_ids, cu_seqlens): addresses of int64 / int32 memory sized for
+    /// `batch_size` rows, and an object holding that memory. Returns
+    /// (ticket, rows, start, end) per planned batch: fewer than given at the end
+    /// of a sequential pass.
+    #[allow(clippy::type_complexity)]
+    fn submit(&mut self, batches: Vec<(Py<PyAny>, usize, usize, Option<usize>, Option<usize>)>) -> Vec<(u64, usize, u64, u64)> {
+        let mut group = Vec::with_capacity(batches.len());
+        let mut planned = Vec::with_capacity(batches.len());
+        for (keepalive, input_ids, labels, position_ids, cu_seqlens) in batches {
+            let Some(plan) = self.inner.next_plan() else { break };
+            let out = Outputs {
+                input_ids: input_ids as *mut i64,
+                labels: labels as *mut i64,
+                position_ids: position_ids.map(|p| p as *mut i64),
+                cu_seqlens: cu_seqlens.map(|p| p as *mut i32),
+            };
+            planned.push((keepalive, plan.samples.len(), plan.start, plan.end));
+            group.push((plan, out));
+        }
+        if group.is_empty() {
+            return Vec::new();
+        }
+        // SAFETY: the Python wrapper allocates these buffers for batch_size rows,
+        // and `pending` holds each keepalive until `wait` or drop.
+        let tickets = unsafe { self.inner.submit_group(group) };
+        let mut out = Vec::with_capacity(tickets.len());
+        for (ticket, (keepalive, rows, start, end)) in tickets.into_iter().zip(planned) {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.pending.insert(id, (ticket, keepalive));
+            out.push((id, rows, start, end));
+        }
+        out
     }
 
     /// Blocks, without the GIL, until batch `ticket` is written.
     /// Returns (entries written to cu_seqlens, longest document segment).
     fn wait(&mut self, py: Python<'_>, ticket: u64) -> PyResult<(usize, usize)> {
-        let (t, keep, _plan) = self.pending.remove(&ticket).ok_or_else(|| PyValueError::new_err(format!("unknown batch ticket {ticket}")))?;
+        let (t, keep) = self.pending.remove(&ticket).ok_or_else(|| PyValueError::new_err(format!("unknown batch ticket {ticket}")))?;
         let r = py.detach(|| t.wait());
         drop(keep);
         let f = r.map_err(to_py)?;
@@ -235,7 +244,7 @@ impl Loader {
     /// Waits for every queued batch and forgets them.
     fn cancel_all(&mut self, py: Python<'_>) {
         let pending: Vec<_> = self.pending.drain().collect();
-        py.detach(|| pending.into_iter().for_each(|(_, (t, _, _))| drop(t.wait())));
+        py.detach(|| pending.into_iter().for_each(|(_, (t, _))| drop(t.wait())));
     }
 
     /// Repositions the stream at global sample `position`; queued batches are dropped.
@@ -274,7 +283,7 @@ impl Loader {
 impl Drop for Loader {
     fn drop(&mut self) {
         // Buffers must outlive their fills even if Python never called `wait`.
-        for (_, (t, _, _)) in self.pending.drain() {
+        for (_, (t, _)) in self.pending.drain() {
             let _ = t.wait();
         }
     }

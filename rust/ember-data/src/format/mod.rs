@@ -4,7 +4,8 @@
 //! Probing reads a few hundred bytes and one `stat`, so opening a dataset of
 //! 100,000 shards costs no mapping and no file handle per shard. Full index
 //! validation (offsets monotonic and in bounds) is done once per shard, when
-//! its document boundaries are first needed.
+//! its document boundaries are first needed, so start-up and plain token reads
+//! do not grow with the number of documents.
 
 pub mod ember;
 pub mod llmc;
@@ -161,8 +162,9 @@ fn map(path: &Path) -> Result<Mmap> {
     // SAFETY: shards are read-only inputs. A file truncated by another process
     // while mapped would fault; that is the same contract as np.memmap.
     let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+    // Training reads random windows: read-ahead of the whole file would mostly be wasted.
     #[cfg(unix)]
-    let _ = m.advise(memmap2::Advice::WillNeed);
+    let _ = m.advise(memmap2::Advice::Random);
     Ok(m)
 }
 
@@ -196,9 +198,7 @@ impl MappedShard {
             IndexSpec::Megatron { idx_path, .. } => Some(map(idx_path)?),
             _ => None,
         };
-        let shard = MappedShard { spec, tokens, index };
-        shard.validate_index()?;
-        Ok(shard)
+        Ok(MappedShard { spec, tokens, index })
     }
 
     /// The raw little-endian token bytes.
@@ -272,7 +272,10 @@ impl MappedShard {
         lo
     }
 
-    fn validate_index(&self) -> Result<()> {
+    /// Checks the document index once per shard (the result outlives the mapping).
+    /// Everything that reads document boundaries calls this first; reading tokens
+    /// needs only the header, which was checked when the shard was probed.
+    pub fn validate_index(&self) -> Result<()> {
         if self.spec.validated.get().is_some() {
             return Ok(());
         }
