@@ -31,10 +31,69 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    items = list(args.config_and_overrides)
+    config = None
+    if items and "=" not in items[0]:
+        config = items.pop(0)
+    bad = [i for i in items if "=" not in i]
+    if bad:
+        raise ValueError(f"expected overrides of the form section.key=value after the config, got {' '.join(bad)!r}")
+    return config, items
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ember.config import load_config
+    from ember.train import PretrainingOrchestrator
+
+    config_path, overrides = _split_config_and_overrides(args)
+    config = load_config(config_path, overrides)
+    orchestrator = PretrainingOrchestrator(config, resume=args.resume)
+    summary = orchestrator.train()
+    if orchestrator.strategy.is_main:
+        print(_summary_text(summary))
+        if args.sample and config.data.tokenizer == "byte":
+            print(_byte_sample(orchestrator, args.sample_prompt))
+    return 0
+
+
+def _summary_text(summary: dict) -> str:
+    parts = [f"trained to step {summary['steps']} ({summary['tokens_seen']:,} tokens, stopped by {summary['stopped_by']})"]
+    if "val_loss" in summary:
+        parts.append(f"validation loss {summary['val_loss']:.4f} (perplexity {summary['val_perplexity']:.2f})")
+    parts.append(f"run directory: {summary['run_dir']}")
+    return "\n".join(parts)
+
+
+def _byte_sample(orchestrator, prompt: str) -> str:
+    import torch
+
+    from ember.data.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    model = orchestrator.model
+    ids = torch.tensor([tok.encode(prompt, eos=False)], device=orchestrator.strategy.device)
+    generator = torch.Generator(device=orchestrator.strategy.device).manual_seed(0)
+    out = model.generate(ids, max_new_tokens=200, temperature=0.8, top_k=50, generator=generator)
+    return "sample:\n" + "-" * 60 + "\n" + tok.decode(out[0].tolist()) + "\n" + "-" * 60
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ember", description="Pretrain Llama-family language models.")
     p.add_argument("--version", action="version", version=f"ember {ember.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="pretrain a Llama model from a YAML config (no config: the built-in quickstart)",
+        description="Trains from CONFIG (a YAML file or a built-in config name; default: quickstart), "
+        "with dotted overrides such as training.max_steps=100.",
+    )
+    t.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
+    t.add_argument("--resume", default=None, help="'auto' to continue from the latest checkpoint of the run, or a checkpoint directory")
+    t.add_argument("--no-sample", dest="sample", action="store_false", help="do not print a generated sample at the end")
+    t.add_argument("--sample-prompt", default="def ", help="prompt for the sample (byte tokenizer runs)")
+    t.set_defaults(func=_cmd_train)
 
     q = sub.add_parser("inspect", help="describe token shards (any supported format) and validate them")
     q.add_argument("paths", nargs="+", help="shard files, Megatron prefixes or directories")
@@ -54,13 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after options (`ember train cfg.yaml --resume auto training.max_steps=10`).
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "train" and not any(e.startswith("-") for e in extra):
+        args.config_and_overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"ember {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,502 @@
+"""Ember's run configuration: typed sections, YAML loading, dotted overrides, validation.
+
+A config has six sections: ``model``, ``training``, ``data``, ``distributed``,
+``checkpoint`` and ``logging``. ``load_config`` reads YAML, applies overrides such
+as ``training.max_steps=100``, checks every key and value, and reports every
+problem at once in one :class:`ConfigError`, each with its key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from ember.model.config import PRESETS, LlamaConfig
+
+
+class ConfigError(ValueError):
+    """One or more problems in a configuration; ``problems`` lists ``(key path, message)``."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"{len(problems)} problem{'s' if len(problems) != 1 else ''}{where}:"]
+        lines += [f"  {key or '<top level>'}: {msg}" for key, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+# Model sizes as the user's guide writes them (``type: llama``, ``size: 7B``).
+SIZE_PRESETS = {
+    "1b": "llama3.2-1b",
+    "3b": "llama3.2-3b",
+    "7b": "llama2-7b",
+    "8b": "llama3.1-8b",
+    "70b": "llama3.1-70b",
+}
+
+ARCH_FIELDS = {f.name for f in dataclasses.fields(LlamaConfig)}
+
+
+@dataclass
+class ModelSection:
+    """Architecture: a preset (or ``type`` + ``size``), then any Hugging Face-named field overrides it."""
+
+    preset: str | None = None
+    type: Literal["llama"] = "llama"
+    size: str | None = None
+    # A Hugging Face checkpoint directory to start from (continual pretraining).
+    init_from: str | None = None
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    compile: bool = False
+    # Fields of LlamaConfig given explicitly in the YAML (vocab_size, hidden_size, ...).
+    arch: dict[str, Any] = field(default_factory=dict)
+
+    def preset_name(self) -> str | None:
+        if self.preset is not None:
+            return self.preset
+        if self.size is not None:
+            return SIZE_PRESETS.get(self.size.lower())
+        return None
+
+    def llama_config(self) -> LlamaConfig:
+        name = self.preset_name()
+        if name is None:
+            return LlamaConfig(**self.arch)
+        return LlamaConfig.from_preset(name, **self.arch)
+
+
+@dataclass
+class TrainingSection:
+    batch_size: int = 8  # samples per device per micro-step
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    max_tokens: int | None = None  # stop once this many tokens are trained on (over all ranks)
+    time_budget: str | float | None = None  # "90m", "2h", or seconds
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    clip_grad_norm: float | None = 1.0
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed"] = "auto"
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every: int | None = None  # steps between validations (None: only at the end)
+    eval_batches: int | None = 50  # None: the whole validation set
+    warmup_monitor_steps: int = 2  # steps excluded from throughput (warm-up, compilation)
+
+
+@dataclass
+class DataSection:
+    # A path, a list of paths, or {path: weight}; "builtin:stdlib" is the built-in corpus.
+    train: str | list[str] | dict[str, float] | None = None
+    validation: str | list[str] | None = None
+    seq_len: int = 2048
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer (for samples and prepare)
+    num_threads: int = 2
+    prefetch: int = 4
+    cache_dir: str = "data"  # where built-in corpora are tokenized to
+
+
+@dataclass
+class FSDPSection:
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = "FULL_SHARD"
+    mixed_precision: bool = True
+    activation_checkpointing: bool | str = False
+    activation_checkpointing_policy: str | None = None
+    cpu_offload: bool = False
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    replicate_degree: int | None = None  # HYBRID_SHARD: ranks per replica group
+
+
+@dataclass
+class DDPSection:
+    backend: str | None = None
+    find_unused_parameters: bool = False
+    static_graph: bool = False
+
+
+@dataclass
+class DistributedSection:
+    strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = "auto"
+    fsdp_config: FSDPSection = field(default_factory=FSDPSection)
+    ddp_config: DDPSection = field(default_factory=DDPSection)
+    # A DeepSpeed config dict, or the path of a DeepSpeed JSON file.
+    deepspeed_config: dict[str, Any] | str | None = None
+
+
+@dataclass
+class CheckpointSection:
+    dir: str | None = None  # default: <run dir>/checkpoints
+    every_n_steps: int | None = 500
+    keep_last: int | None = 3
+    resume: str | None = None  # None, "auto", or a checkpoint directory
+    save_final: bool = True
+    export_hf: bool = True
+
+
+@dataclass
+class LoggingSection:
+    run_dir: str = "runs"
+    run_name: str | None = None  # default: the config file's name
+    log_every: int = 10
+    progress_bar: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    data: DataSection = field(default_factory=DataSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    source: str | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        arch = d["model"].pop("arch")
+        d["model"].update(arch)
+        d["training"]["betas"] = list(d["training"]["betas"])
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def run_name(self) -> str:
+        if self.logging.run_name:
+            return self.logging.run_name
+        return Path(self.source).stem if self.source else "run"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logging.run_dir) / self.run_name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+
+# ---------------------------------------------------------------------------
+# Typed construction from plain data
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+_NO = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Returns ``value`` as type ``tp``, or ``_NO`` when it is not one."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        return None if value is None else _NO
+    if origin is Literal:
+        return value if value in typing.get_args(tp) else _NO
+    if origin in (Union, types.UnionType):
+        for a in typing.get_args(tp):
+            r = _coerce(value, a)
+            if r is not _NO:
+                return r
+        return _NO
+    if tp is bool:
+        return value if isinstance(value, bool) else _NO
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                return _NO
+        return _NO
+    if tp is str:
+        return value if isinstance(value, str) else _NO
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return _NO
+        out = [_coerce(v, item) for v in value]
+        return _NO if any(o is _NO for o in out) else out
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return _NO
+        out = tuple(_coerce(v, a) for v, a in zip(value, args))
+        return _NO if any(o is _NO for o in out) else out
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            return _NO
+        out = {_coerce(k, k_tp): _coerce(v, v_tp) for k, v in value.items()}
+        return _NO if any(k is _NO or v is _NO for k, v in out.items()) else out
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _unknown(key: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _build(cls: type, data: Any, path: str, problems: list[tuple[str, str]]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append((path, f"expected a mapping of keys, got {type(data).__name__}"))
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("source", "arch")}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if cls is ModelSection and key in ARCH_FIELDS:
+            kwargs.setdefault("arch", {})[key] = value
+            continue
+        if key not in fields:
+            known = list(fields) + (sorted(ARCH_FIELDS) if cls is ModelSection else [])
+            problems.append((key_path, _unknown(str(key), known)))
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, key_path, problems)
+            continue
+        coerced = _coerce(value, tp)
+        if coerced is _NO:
+            problems.append((key_path, f"expected {_type_name(tp)}, got {value!r}"))
+        else:
+            kwargs[key] = coerced
+    if cls is ModelSection and "arch" in kwargs:
+        kwargs["arch"] = _check_arch(kwargs["arch"], path, problems)
+    return cls(**kwargs)
+
+
+def _check_arch(arch: dict[str, Any], path: str, problems: list[tuple[str, str]]) -> dict[str, Any]:
+    hints = typing.get_type_hints(LlamaConfig)
+    out = {}
+    for key, value in arch.items():
+        coerced = _coerce(value, hints[key])
+        if coerced is _NO:
+            problems.append((f"{path}.{key}", f"expected {_type_name(hints[key])}, got {value!r}"))
+        else:
+            out[key] = coerced
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Consistency checks across fields
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds in ``value``: a number of seconds, or a string like ``"90m"``, ``"2h"``, ``"1.5d"``."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = _DURATION.match(value)
+    if not m:
+        raise ValueError(f"cannot read {value!r} as a duration; use seconds or a number with s, m, h or d")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
+
+
+def _validate(cfg: Config) -> list[tuple[str, str]]:
+    p: list[tuple[str, str]] = []
+    m, t, d, c, lg = cfg.model, cfg.training, cfg.data, cfg.checkpoint, cfg.logging
+
+    name = m.preset_name()
+    if m.preset is not None and m.preset not in PRESETS:
+        p.append(("model.preset", f"unknown preset {m.preset!r}; known: {', '.join(sorted(PRESETS))}"))
+    elif m.preset is None and m.size is not None and name is None:
+        p.append(("model.size", f"no preset for size {m.size!r}; known sizes: {', '.join(sorted(SIZE_PRESETS))}"))
+    else:
+        try:
+            llama = m.llama_config()
+        except (TypeError, ValueError) as e:
+            missing = sorted(
+                f.name
+                for f in dataclasses.fields(LlamaConfig)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in m.arch
+            )
+            detail = f"missing {', '.join(missing)}" if missing else str(e)
+            p.append(("model", f"no preset given and the architecture is incomplete: {detail}"))
+        else:
+            p += [(f"model.{k}", msg) for k, msg in llama.validate()]
+            if llama.max_position_embeddings < d.seq_len and m.init_from is None:
+                p.append(("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings ({llama.max_position_embeddings})"))
+
+    for key in ("batch_size", "gradient_accumulation_steps", "max_steps"):
+        if getattr(t, key) < 1:
+            p.append((f"training.{key}", f"must be at least 1, got {getattr(t, key)}"))
+    if t.warmup_steps < 0:
+        p.append(("training.warmup_steps", f"must not be negative, got {t.warmup_steps}"))
+    elif t.warmup_steps > t.max_steps:
+        p.append(("training.warmup_steps", f"{t.warmup_steps} is beyond training.max_steps ({t.max_steps})"))
+    if t.learning_rate <= 0:
+        p.append(("training.learning_rate", f"must be positive, got {t.learning_rate}"))
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        p.append(("training.min_lr_ratio", f"must be between 0 and 1, got {t.min_lr_ratio}"))
+    if t.weight_decay < 0:
+        p.append(("training.weight_decay", f"must not be negative, got {t.weight_decay}"))
+    if not all(0.0 <= b < 1.0 for b in t.betas):
+        p.append(("training.betas", f"each beta must be in [0, 1), got {list(t.betas)}"))
+    if t.clip_grad_norm is not None and t.clip_grad_norm <= 0:
+        p.append(("training.clip_grad_norm", f"must be positive or null, got {t.clip_grad_norm}"))
+    if t.max_tokens is not None and t.max_tokens < 1:
+        p.append(("training.max_tokens", f"must be positive, got {t.max_tokens}"))
+    if t.time_budget is not None:
+        try:
+            if parse_duration(t.time_budget) <= 0:
+                p.append(("training.time_budget", "must be positive"))
+        except ValueError as e:
+            p.append(("training.time_budget", str(e)))
+    if t.eval_every is not None and t.eval_every < 1:
+        p.append(("training.eval_every", f"must be at least 1 or null, got {t.eval_every}"))
+    if t.eval_batches is not None and t.eval_batches < 1:
+        p.append(("training.eval_batches", f"must be at least 1 or null, got {t.eval_batches}"))
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+        p.append(("training.device", f"expected auto, cpu, cuda or cuda:N, got {t.device!r}"))
+
+    if d.train is None:
+        p.append(("data.train", "required: a shard path, a list of paths, {path: weight}, or builtin:stdlib"))
+    elif isinstance(d.train, dict):
+        for k, w in d.train.items():
+            if w <= 0:
+                p.append((f"data.train.{k}", f"weight must be positive, got {w}"))
+    if d.seq_len < 1:
+        p.append(("data.seq_len", f"must be at least 1, got {d.seq_len}"))
+    if d.num_threads < 1 or d.prefetch < 1:
+        p.append(("data", "num_threads and prefetch must be at least 1"))
+
+    if c.every_n_steps is not None and c.every_n_steps < 1:
+        p.append(("checkpoint.every_n_steps", f"must be at least 1 or null, got {c.every_n_steps}"))
+    if c.keep_last is not None and c.keep_last < 1:
+        p.append(("checkpoint.keep_last", f"must be at least 1 or null, got {c.keep_last}"))
+    if lg.log_every < 1:
+        p.append(("logging.log_every", f"must be at least 1, got {lg.log_every}"))
+    if lg.run_name is not None and (not lg.run_name or "/" in lg.run_name or lg.run_name in (".", "..")):
+        p.append(("logging.run_name", f"must be a plain directory name, got {lg.run_name!r}"))
+    return p
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"training.max_steps=100"`` -> (["training", "max_steps"], 100); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError([(text, "an override must look like section.key=value")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError([(key.strip(), f"cannot read value {raw!r}: {e}")]) from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError([(".".join(keys[: i + 1]), f"is not a section, cannot set {'.'.join(keys)}")])
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any] | None, source: str | None = None) -> Config:
+    """Builds and validates a :class:`Config`; raises :class:`ConfigError` listing every problem."""
+    problems: list[tuple[str, str]] = []
+    cfg = _build(Config, raw or {}, "", problems)
+    cfg.source = source
+    # Cross-field checks run on what could be read, so one pass reports everything;
+    # a key already reported is not reported again.
+    reported = {k for k, _ in problems}
+    problems += [(k, m) for k, m in _validate(cfg) if k not in reported]
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: config file not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([(where, f"YAML syntax error: {problem}")], str(path)) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([("", f"the file must hold a mapping of sections, got {type(raw).__name__}")], str(path))
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Loads a YAML config (or the built-in quickstart when ``path`` is None), applies overrides, validates.
+
+    ``path`` may also name a config shipped with Ember (``quickstart``, ``llama3.2-1b``, ...),
+    see :func:`builtin_configs`.
+    """
+    if path is None:
+        path = "quickstart"
+    resolved = resolve_config_path(path)
+    raw = apply_overrides(read_yaml(resolved), overrides)
+    return config_from_dict(raw, str(resolved))
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def builtin_configs() -> dict[str, Path]:
+    """Example configs shipped inside the package, by name."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    p = Path(path)
+    if p.exists():
+        return p
+    shipped = builtin_configs()
+    if str(path) in shipped:
+        return shipped[str(path)]
+    raise FileNotFoundError(f"{path}: config file not found (built-in configs: {', '.join(shipped)})")

@@ -1,0 +1,135 @@
+"""Training end to end on the CPU: loss falls on real text, checkpoints resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ember.config import config_from_dict, load_config
+from ember.data.builtin import stdlib_shards
+from ember.train import PretrainingOrchestrator
+from ember.train.checkpoint import latest_checkpoint, list_checkpoints
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The built-in corpus, tokenized once per test session."""
+    cache = tmp_path_factory.mktemp("cache")
+    stdlib_shards(cache)
+    return cache
+
+
+def small_config(tmp_path: Path, corpus: Path, **sections) -> dict:
+    raw = {
+        "model": {"preset": "tiny", "vocab_size": 259},
+        "training": {"batch_size": 4, "max_steps": 12, "warmup_steps": 2, "learning_rate": 3e-3, "eval_batches": 2, "seed": 7},
+        "data": {"train": "builtin:stdlib", "seq_len": 64, "cache_dir": str(corpus)},
+        "checkpoint": {"every_n_steps": 4, "keep_last": 2},
+        "logging": {"run_dir": str(tmp_path / "runs"), "run_name": "t", "log_every": 1, "progress_bar": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def test_loss_falls_on_the_stdlib_corpus(tmp_path, corpus):
+    raw = small_config(tmp_path, corpus, training={"max_steps": 60, "warmup_steps": 5, "eval_every": 30}, checkpoint={"every_n_steps": None})
+    summary = PretrainingOrchestrator(config_from_dict(raw)).train()
+    losses = train_losses(Path(summary["run_dir"]))
+    assert len(losses) == 60
+    first, last = sum(list(losses.values())[:5]) / 5, sum(list(losses.values())[-5:]) / 5
+    assert last < 0.7 * first, (first, last)  # from ~5.5 (uniform over 259 bytes) to well below
+    assert summary["val_loss"] < first and summary["steps"] == 60
+    records = metrics(Path(summary["run_dir"]))
+    assert sum("val_loss" in r for r in records) == 2  # at step 30 and at the end
+    assert any(r.get("tokens_per_second") for r in records)
+    saved = yaml.safe_load((Path(summary["run_dir"]) / "config.yaml").read_text())
+    assert saved["training"]["max_steps"] == 60 and saved["model"]["preset"] == "tiny"
+
+
+def test_checkpoints_keep_the_last_k_and_refuse_silent_overwrite(tmp_path, corpus):
+    raw = small_config(tmp_path, corpus)
+    PretrainingOrchestrator(config_from_dict(raw)).train()
+    ckpts = list_checkpoints(tmp_path / "runs" / "t" / "checkpoints")
+    assert [s for s, _ in ckpts] == [8, 12]
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume auto"):
+        PretrainingOrchestrator(config_from_dict(raw)).train()
+    assert [s for s, _ in list_checkpoints(tmp_path / "runs" / "t" / "checkpoints")] == [8, 12]
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path):
+    d = tmp_path / "checkpoints"
+    (d / "step-00000004").mkdir(parents=True)
+    (d / ".step-00000008.tmp").mkdir()
+    (d / "step-00000009.partial").mkdir()
+    assert latest_checkpoint(d) == d / "step-00000004"
+
+
+def test_resume_continues_exactly(tmp_path, corpus):
+    whole = small_config(tmp_path, corpus, logging={"run_name": "whole"})
+    PretrainingOrchestrator(config_from_dict(whole)).train()
+    # Stop after step 6 by a token budget (a final checkpoint is saved), then continue.
+    stopped = small_config(tmp_path, corpus, logging={"run_name": "part"}, training={"max_tokens": 6 * 4 * 64})
+    assert PretrainingOrchestrator(config_from_dict(stopped)).train()["steps"] == 6
+    part = small_config(tmp_path, corpus, logging={"run_name": "part"})
+    assert PretrainingOrchestrator(config_from_dict(part), resume="auto").train()["start_step"] == 6
+    a, b = train_losses(tmp_path / "runs" / "whole"), train_losses(tmp_path / "runs" / "part")
+    assert b == a  # bit for bit, step by step
+
+
+def test_stops_on_max_tokens_and_time_budget(tmp_path, corpus):
+    s = PretrainingOrchestrator(config_from_dict(small_config(tmp_path, corpus, training={"max_tokens": 3 * 4 * 64 + 1}))).train()
+    assert (s["steps"], s["stopped_by"]) == (4, "max_tokens")
+    raw = small_config(tmp_path, corpus, training={"max_steps": 100000, "warmup_steps": 10, "time_budget": 2}, logging={"run_name": "tb"})
+    t0 = time.monotonic()
+    s = PretrainingOrchestrator(config_from_dict(raw)).train()
+    assert s["stopped_by"] == "time_budget" and time.monotonic() - t0 < 60
+    assert latest_checkpoint(tmp_path / "runs" / "tb" / "checkpoints").name == f"step-{s['steps']:08d}"
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_gives_identical_losses(tmp_path, corpus):
+    """A run killed with SIGKILL and resumed with --resume auto logs bit-for-bit the
+    losses of a run never interrupted."""
+    cfg_path = tmp_path / "run.yaml"
+    raw = small_config(tmp_path, corpus, training={"max_steps": 16}, checkpoint={"every_n_steps": 3, "keep_last": 3})
+    cfg_path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "ember", "train", str(cfg_path), "--no-sample"]
+
+    subprocess.run([*cmd, "logging.run_name=whole"], check=True, env=env, capture_output=True, timeout=600)
+
+    run = tmp_path / "runs" / "killed"
+    proc = subprocess.Popen([*cmd, "logging.run_name=killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and max(train_losses(run), default=0) >= 8:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(train_losses(run))
+    assert killed_at < 16, "the run finished before it could be killed"
+    subprocess.run([*cmd, "logging.run_name=killed", "--resume", "auto"], check=True, env=env, capture_output=True, timeout=600)
+
+    whole = train_losses(tmp_path / "runs" / "whole")
+    # The resumed run re-logs the steps after its checkpoint; later lines win.
+    resumed = train_losses(run)
+    assert sorted(resumed) == list(range(1, 17))
+    assert resumed == whole
