@@ -58,7 +58,33 @@ def test_bad_arguments_exit_2():
 
 @pytest.mark.slow
 def test_demo_streams_the_stdlib_corpus(tmp_path):
-    out = ember_cmd("demo", "--out", tmp_path / "shards", "--steps", "20", "--seq-len", "256", "--corpus-mb", "2")
+    out = ember_cmd("demo", "--out", tmp_path / "cache", "--steps", "20", "--seq-len", "256")
     assert out.returncode == 0, out.stderr
     assert "M tokens/s" in out.stdout and "'position': 160" in out.stdout
-    assert any(p.name.startswith("shard-") for p in (tmp_path / "shards").iterdir())
+    (corpus,) = (tmp_path / "cache").iterdir()
+    assert any(p.suffix == ".tok" for p in (corpus / "train").iterdir())
+
+
+def test_train_reports_config_problems_without_a_traceback(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: {preset: tiny}\ntraining: {max_stepz: 3, warmup_steps: 5, max_steps: 2}\n")
+    out = ember_cmd("train", cfg, "training.learning_rate=-1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    for key in ("training.max_stepz", "training.warmup_steps", "training.learning_rate", "data.train"):
+        assert key in out.stderr, out.stderr
+    assert str(cfg) in out.stderr
+
+
+@pytest.mark.slow
+def test_train_runs_a_config_with_overrides_and_prints_a_sample(tmp_path):
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(
+        "model: {preset: tiny, vocab_size: 259}\n"
+        "training: {batch_size: 2, max_steps: 4, warmup_steps: 1}\n"
+        f"data: {{train: 'builtin:stdlib', seq_len: 32, cache_dir: '{tmp_path / 'cache'}'}}\n"
+        f"logging: {{run_dir: '{tmp_path / 'runs'}', progress_bar: false}}\n"
+    )
+    out = ember_cmd("train", cfg, "--sample-prompt", "import ", "training.max_steps=3")
+    assert out.returncode == 0, out.stderr
+    assert "trained to step 3" in out.stdout and "sample:" in out.stdout and "import " in out.stdout
+    assert (tmp_path / "runs" / "small" / "checkpoints" / "step-00000003").is_dir()

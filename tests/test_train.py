@@ -133,3 +133,20 @@ def test_sigkill_then_resume_auto_gives_identical_losses(tmp_path, corpus):
     resumed = train_losses(run)
     assert sorted(resumed) == list(range(1, 17))
     assert resumed == whole
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(tmp_path, corpus):
+    eager = small_config(tmp_path, corpus, training={"max_steps": 3}, logging={"run_name": "eager"}, checkpoint={"every_n_steps": None})
+    compiled = small_config(tmp_path, corpus, training={"max_steps": 3}, logging={"run_name": "compiled"}, checkpoint={"every_n_steps": None})
+    compiled["model"]["compile"] = True
+    PretrainingOrchestrator(config_from_dict(eager)).train()
+    PretrainingOrchestrator(config_from_dict(compiled)).train()
+    a, b = train_losses(tmp_path / "runs" / "eager"), train_losses(tmp_path / "runs" / "compiled")
+    assert a.keys() == b.keys()
+    assert all(abs(a[k] - b[k]) < 1e-4 for k in a), (a, b)
+    # Checkpoints of compiled runs use the plain parameter names.
+    from safetensors import safe_open
+
+    with safe_open(str(latest_checkpoint(tmp_path / "runs" / "compiled" / "checkpoints") / "model.safetensors"), "pt") as f:
+        assert all("_orig_mod" not in k for k in f.keys())

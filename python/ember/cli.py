@@ -27,7 +27,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ember.data.demo import run_demo
 
-    run_demo(out_dir=args.out, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, corpus_mb=args.corpus_mb)
+    run_demo(out_dir=args.out, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps)
     return 0
 
 
@@ -102,11 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_inspect)
 
     d = sub.add_parser("demo", help="tokenize the standard library into shards and stream batches from them")
-    d.add_argument("--out", default=None, help="directory for the shards (default: a temporary directory)")
+    d.add_argument("--out", default=None, help="cache directory for the shards (default: a temporary directory)")
     d.add_argument("--seq-len", type=int, default=1024)
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--steps", type=int, default=500, help="batches to read")
-    d.add_argument("--corpus-mb", type=float, default=32.0, help="megabytes of source text to tokenize")
     d.set_defaults(func=_cmd_demo)
     return p
 

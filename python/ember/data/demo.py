@@ -6,43 +6,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from ember.data.corpus import stdlib_texts
+from ember.data.builtin import stdlib_shards
 from ember.data.loader import TokenLoader
-from ember.data.shards import ShardWriter, open_dataset
+from ember.data.shards import open_dataset
 from ember.data.tokenizer import ByteTokenizer
 
-SHARD_TOKENS = 8 << 20
 
-
-def write_stdlib_shards(out_dir: Path, corpus_mb: float) -> Path:
-    """Tokenizes standard-library source with the byte tokenizer into shards under ``out_dir``."""
-    tok = ByteTokenizer()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    index = 0
-    writer = ShardWriter(out_dir / f"shard-{index:05d}.tok", tok.vocab_size)
-    for text in stdlib_texts(max_bytes=int(corpus_mb * 1e6)):
-        writer.add_document(tok.encode(text))
-        if writer.num_tokens >= SHARD_TOKENS:
-            writer.close()
-            index += 1
-            writer = ShardWriter(out_dir / f"shard-{index:05d}.tok", tok.vocab_size)
-    if writer.num_docs:
-        writer.close()
-    else:
-        writer.abort()
-    return out_dir
-
-
-def run_demo(out_dir: str | None, seq_len: int, batch_size: int, steps: int, corpus_mb: float) -> None:
+def run_demo(out_dir: str | None, seq_len: int, batch_size: int, steps: int) -> None:
     tmp = None if out_dir else tempfile.TemporaryDirectory(prefix="ember-demo-")
     root = Path(out_dir or tmp.name)
     try:
         t0 = time.perf_counter()
-        write_stdlib_shards(root, corpus_mb)
-        ds = open_dataset(root)
-        print(f"wrote {len(ds.shards)} shards, {len(ds):,} documents, {ds.num_tokens:,} tokens to {root} in {time.perf_counter() - t0:.1f} s")
+        train_dir, _ = stdlib_shards(root)
+        ds = open_dataset(train_dir)
+        print(f"{len(ds.shards)} shards, {len(ds):,} documents, {ds.num_tokens:,} tokens in {train_dir} ({time.perf_counter() - t0:.1f} s)")
 
-        loader = TokenLoader(root, seq_len=seq_len, batch_size=batch_size, seed=0, position_ids=True)
+        loader = TokenLoader(train_dir, seq_len=seq_len, batch_size=batch_size, seed=0, position_ids=True)
         it = iter(loader)
         first = next(it)
         t1 = time.perf_counter()

@@ -105,6 +105,11 @@ class PretrainingOrchestrator:
             model = Llama(self.llama_config)
         if self.config.model.activation_checkpointing != "none":
             apply_activation_checkpointing(model, self.config.model.activation_checkpointing)
+        if self.config.model.compile:
+            # Block by block, in place: parameter names (and so checkpoints) stay as they are,
+            # and a sharding wrapper applied after sees ordinary modules.
+            for block in model.layers:
+                block.compile()
         if self.precision == "bf16-true":
             model.to(torch.bfloat16)
 
