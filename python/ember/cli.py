@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -47,14 +49,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ember.train import PretrainingOrchestrator
 
     config_path, overrides = _split_config_and_overrides(args)
+    if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc_per_node)
     config = load_config(config_path, overrides)
     orchestrator = PretrainingOrchestrator(config, resume=args.resume)
-    summary = orchestrator.train()
+    summary = orchestrator.train(sample_prompt=args.sample_prompt if args.sample else None)
     if orchestrator.strategy.is_main:
         print(_summary_text(summary))
-        if args.sample and config.data.tokenizer == "byte":
-            print(_byte_sample(orchestrator, args.sample_prompt))
+        if "sample" in summary:
+            print("sample:\n" + "-" * 60 + "\n" + summary["sample"] + "\n" + "-" * 60)
     return 0
+
+
+def _relaunch_with_torchrun(nproc: int) -> int:
+    """``ember train --nproc-per-node N ...``: the same command under torchrun on this node."""
+    if nproc < 1:
+        raise ValueError(f"--nproc-per-node must be at least 1, got {nproc}")
+    argv = sys.argv[1:]
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "ember", *rest]
+    return subprocess.call(cmd)
 
 
 def _summary_text(summary: dict) -> str:
@@ -65,22 +89,11 @@ def _summary_text(summary: dict) -> str:
     return "\n".join(parts)
 
 
-def _byte_sample(orchestrator, prompt: str) -> str:
-    import torch
-
-    from ember.data.tokenizer import ByteTokenizer
-
-    tok = ByteTokenizer()
-    model = orchestrator.model
-    ids = torch.tensor([tok.encode(prompt, eos=False)], device=orchestrator.strategy.device)
-    generator = torch.Generator(device=orchestrator.strategy.device).manual_seed(0)
-    out = model.generate(ids, max_new_tokens=200, temperature=0.8, top_k=50, generator=generator)
-    return "sample:\n" + "-" * 60 + "\n" + tok.decode(out[0].tolist()) + "\n" + "-" * 60
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ember", description="Pretrain Llama-family language models.")
     p.add_argument("--version", action="version", version=f"ember {ember.__version__}")
+    # The DeepSpeed launcher passes --local_rank before the command; ranks come from the environment.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser(
@@ -93,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, help="'auto' to continue from the latest checkpoint of the run, or a checkpoint directory")
     t.add_argument("--no-sample", dest="sample", action="store_false", help="do not print a generated sample at the end")
     t.add_argument("--sample-prompt", default="def ", help="prompt for the sample (byte tokenizer runs)")
+    t.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="start this many processes on this machine (a shortcut for torchrun --standalone --nproc-per-node N -m ember train ...)",
+    )
+
     t.set_defaults(func=_cmd_train)
 
     q = sub.add_parser("inspect", help="describe token shards (any supported format) and validate them")

@@ -14,10 +14,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from ember.distributed.checkpoint_io import full_model_state_dict, load_sharded, save_sharded
+
+EXTRA_FILE = "trainer.pt"
 
 
 class Strategy(ABC):
     name: str = "base"
+    # True when the engine itself handles mixed precision and loss scaling (DeepSpeed):
+    # the loop then applies no autocast and no gradient scaler of its own.
+    owns_precision: bool = False
 
     def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1, local_rank: int = 0):
         self.device = device
@@ -54,9 +62,18 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    @abstractmethod
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
-        """Clips gradients (when ``max_norm`` is set) and returns the total norm, without syncing the host."""
+        """Clips gradients (when ``max_norm`` is set) and returns the total norm over all
+        ranks' shards, without syncing the host."""
+        assert self.model is not None
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if max_norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if isinstance(norm, DTensor):  # sharded gradients: the norm is a partial reduction
+            norm = norm.full_tensor()
+        return norm
 
     def optimizer_step(self) -> None:
         assert self.optimizer is not None
@@ -74,17 +91,32 @@ class Strategy(ABC):
     def barrier(self) -> None:
         """Waits for every rank."""
 
-    @abstractmethod
     def save_checkpoint(self, directory: Path, extra: dict[str, Any]) -> None:
-        """Writes model, optimizer and ``extra`` (plain data and tensors) into ``directory``."""
+        """Writes model and optimizer (sharded, see ``checkpoint_io``) and, from the main
+        rank, ``extra`` (plain data and tensors) into ``directory``."""
+        assert self.model is not None and self.optimizer is not None
+        save_sharded(directory, self.model, self.optimizer)
+        if self.is_main:
+            torch.save(extra, directory / EXTRA_FILE)
 
-    @abstractmethod
     def load_checkpoint(self, directory: Path) -> dict[str, Any]:
-        """Restores model and optimizer from ``directory`` and returns its ``extra``."""
+        """Restores model and optimizer from ``directory``, whatever strategy and world
+        size wrote it, and returns its ``extra``."""
+        assert self.model is not None and self.optimizer is not None
+        if not (directory / EXTRA_FILE).is_file():
+            raise FileNotFoundError(f"{directory / EXTRA_FILE}: not found; {directory} is not a complete Ember checkpoint")
+        load_sharded(directory, self.model, self.optimizer)
+        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
 
-    @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights on the CPU, on the main rank (empty elsewhere)."""
+        """The whole model's weights on the CPU, on the main rank (empty elsewhere).
+        Every rank must call it."""
+        assert self.model is not None
+        return full_model_state_dict(self.model)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The model itself, without a wrapper (for generation and export)."""
+        return model
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ember.kernels import RMSNorm, apply_rotary, fused_linear_cross_entropy, swiglu
 
@@ -180,19 +181,23 @@ class Llama(nn.Module):
         self._tie_weights()
         std = self.config.initializer_range
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
-        with _seeded(seed, self.tok_embeddings.weight.device):
-            nn.init.normal_(self.tok_embeddings.weight, std=std)
-            for layer in self.layers:
-                attention, ffn = layer.attention, layer.feed_forward
-                for linear in (attention.wq, attention.wk, attention.wv, ffn.w1, ffn.w3):
-                    nn.init.normal_(linear.weight, std=std)
-                for linear in (attention.wo, ffn.w2):
-                    nn.init.normal_(linear.weight, std=residual_std)
-                layer.attention_norm.reset_parameters()
-                layer.ffn_norm.reset_parameters()
-            self.norm.reset_parameters()
-            if not self.config.tie_word_embeddings:
-                nn.init.normal_(self.output.weight, std=std)
+        names = {id(p): n for n, p in self.named_parameters()}
+
+        def normal(weight: torch.Tensor, std: float) -> None:
+            _init_normal(weight, std, seed, names[id(weight)])
+
+        normal(self.tok_embeddings.weight, std)
+        for layer in self.layers:
+            attention, ffn = layer.attention, layer.feed_forward
+            for linear in (attention.wq, attention.wk, attention.wv, ffn.w1, ffn.w3):
+                normal(linear.weight, std)
+            for linear in (attention.wo, ffn.w2):
+                normal(linear.weight, residual_std)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if not self.config.tie_word_embeddings:
+            normal(self.output.weight, std)
         self.reset_rope()
 
     def reset_rope(self) -> None:
@@ -261,17 +266,18 @@ class Llama(nn.Module):
             self.train(was_training)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Seeds ``device``'s default generator inside the block; the global random state is restored after."""
-    if seed is None:
-        yield
-    elif device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        with torch.random.fork_rng(devices=[index]), torch.cuda.device(index):
-            torch.cuda.manual_seed(seed)
-            yield
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            yield
+def _init_normal(weight: torch.Tensor, std: float, seed: int | None, name: str) -> None:
+    """normal(0, std) into ``weight``. With a seed, each parameter draws from its own
+    generator, seeded from the seed and its name, and a sharded parameter (DTensor)
+    receives its slice of the very tensor an unsharded one would get: the values do
+    not depend on how the model is wrapped or sharded, or on the order of the calls."""
+    with torch.no_grad():
+        if seed is None:
+            nn.init.normal_(weight, std=std)
+            return
+        local = weight.to_local() if isinstance(weight, DTensor) else weight
+        gen = torch.Generator(device=local.device).manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63))
+        full = torch.empty(weight.shape, dtype=local.dtype, device=local.device).normal_(0.0, std, generator=gen)
+        if isinstance(weight, DTensor):
+            full = distribute_tensor(full, weight.device_mesh, weight.placements, src_data_rank=None).to_local()
+        local.copy_(full)

@@ -59,6 +59,8 @@ class PretrainingOrchestrator:
 
     def _precision(self) -> str:
         p = self.config.training.precision
+        if self.strategy.owns_precision:
+            return "engine"
         if p == "auto":
             cuda = self.strategy.device.type == "cuda"
             return "bf16-mixed" if cuda and torch.cuda.is_bf16_supported() else "fp32"
@@ -142,13 +144,30 @@ class PretrainingOrchestrator:
             raise FileNotFoundError(f"{path}: checkpoint to resume from not found")
         return path
 
-    def train(self) -> dict[str, Any]:
-        cfg, t, s = self.config, self.config.training, self.strategy
+    def train(self, *, sample_prompt: str | None = None) -> dict[str, Any]:
+        """Runs training to the end and returns a summary. With ``sample_prompt`` and the
+        byte tokenizer, the summary also holds ``sample``: text the trained model writes."""
+        s = self.strategy
         s.setup()
         try:
-            return self._train()
+            summary = self._train()
+            if sample_prompt is not None and self.config.data.tokenizer == "byte":
+                summary["sample"] = self.sample(sample_prompt)
+            return summary
         finally:
             s.teardown()
+
+    def sample(self, prompt: str, max_new_tokens: int = 200) -> str:
+        """Text continuing ``prompt`` (byte tokenizer), sampled with a fixed seed. Every rank calls it."""
+        from ember.data.tokenizer import ByteTokenizer
+
+        tok = ByteTokenizer()
+        device = self.strategy.device
+        ids = torch.tensor([tok.encode(prompt, eos=False)], device=device)
+        generator = torch.Generator(device=device).manual_seed(0)
+        model = self.strategy.unwrap(self.model)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, generator=generator)
+        return tok.decode(out[0].tolist())
 
     def _train(self) -> dict[str, Any]:
         cfg, t, s = self.config, self.config.training, self.strategy

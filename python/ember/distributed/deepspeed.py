@@ -1,0 +1,192 @@
+"""DeepSpeed ZeRO (stages 0-3, optimizer and parameter offload) through DeepSpeed's own engine.
+
+Ember builds the DeepSpeed config from its own settings (micro-batch, accumulation,
+clipping, precision) and merges the user's ``distributed.deepspeed_config`` (a dict, or
+the path of a DeepSpeed JSON file) on top; where both set the same thing they must agree.
+DeepSpeed then owns precision (its bf16/fp16 modes and loss scaling), gradient
+accumulation boundaries and clipping. Checkpoints are DeepSpeed's own format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ember.distributed.base import EXTRA_FILE, Strategy
+from ember.distributed.process_group import env_world
+
+DS_TAG = "deepspeed"
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ValueError(
+            "distributed.strategy is 'deepspeed' but DeepSpeed is not installed: pip install deepspeed "
+            "(on a machine without a GPU, set DS_ACCELERATOR=cpu)"
+        ) from e
+    return deepspeed
+
+
+def user_deepspeed_config(value: dict[str, Any] | str | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return json.loads(json.dumps(value))  # a deep copy
+    path = Path(value)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: DeepSpeed config file (distributed.deepspeed_config) not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON: {e.msg}") from None
+
+
+def build_deepspeed_config(config, world_size: int) -> dict[str, Any]:
+    """Ember's settings as a DeepSpeed config, with the user's config merged in.
+    Disagreements are errors naming both keys."""
+    t = config.training
+    user = user_deepspeed_config(config.distributed.deepspeed_config)
+    ours: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.batch_size * t.gradient_accumulation_steps * world_size,
+        "gradient_clipping": t.clip_grad_norm or 0.0,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision in ("bf16-mixed", "bf16-true"):
+        ours["bf16"] = {"enabled": True}
+    elif precision == "fp16-mixed":
+        ours["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    problems = []
+    for key, value in ours.items():
+        if key in user and key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size") and user[key] != value:
+            problems.append(f"distributed.deepspeed_config.{key} is {user[key]} but Ember's training settings give {value}")
+    for mode in ("bf16", "fp16"):
+        if user.get(mode, {}).get("enabled") and mode not in ours:
+            problems.append(f"distributed.deepspeed_config.{mode}.enabled is true but training.precision is {t.precision!r}")
+    if problems:
+        raise ValueError("DeepSpeed config disagrees with the training section:\n  " + "\n  ".join(problems))
+    merged = {**ours, **user}
+    merged.setdefault("zero_optimization", {"stage": 2})
+    stage = merged["zero_optimization"].get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"distributed.deepspeed_config.zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if merged.get("fp16", {}).get("enabled") and merged.get("bf16", {}).get("enabled"):
+        raise ValueError("distributed.deepspeed_config enables both fp16 and bf16")
+    return merged
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+    owns_precision = True
+
+    def __init__(self, device: torch.device, config):
+        super().__init__(device)
+        self.deepspeed = _import_deepspeed()
+        self.config = config
+        self.ds_config: dict[str, Any] = {}
+        self.engine = None
+
+    def setup(self) -> None:
+        rank, world, local = env_world()
+        if world > 1 and "MASTER_ADDR" not in os.environ:
+            raise ValueError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with the DeepSpeed launcher or torchrun")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
+        self.rank, self.world_size, self.local_rank = dist.get_rank(), dist.get_world_size(), local
+        self.ds_config = build_deepspeed_config(self.config, self.world_size)
+
+    def teardown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def prepare(
+        self,
+        model: nn.Module,
+        make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        init_weights: Callable[[nn.Module], None],
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        zero = self.ds_config["zero_optimization"]
+        offload_params = zero.get("offload_param", {}).get("device") in ("cpu", "nvme")
+        model.to_empty(device="cpu" if offload_params else self.device)
+        init_weights(model)
+        optimizer = make_optimizer(model)
+        if zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme"):
+            # Offloaded optimizer steps run on the CPU: DeepSpeed's vectorised Adam, same groups and settings.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in optimizer.param_groups]
+            d = optimizer.defaults
+            optimizer = DeepSpeedCPUAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"], adamw_mode=True)
+        engine, ds_optimizer, _, _ = self.deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.engine = engine
+        self.model = engine
+        # ZeRO wraps the torch optimizer; the schedule drives the wrapped one's learning rates.
+        inner = ds_optimizer if isinstance(ds_optimizer, torch.optim.Optimizer) else ds_optimizer.optimizer
+        self.optimizer = inner
+        return engine, inner
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop already divides by the accumulation steps. DeepSpeed steps (and clips)
+        # itself at the accumulation boundary; between boundaries step() only counts.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return torch.zeros((), device=self.device)
+        return norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
+
+    def optimizer_step(self) -> None:
+        """Done inside ``backward`` at the accumulation boundary."""
+
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value / self.world_size
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def save_checkpoint(self, directory: Path, extra: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG)
+        if self.is_main:
+            torch.save(extra, directory / EXTRA_FILE)
+
+    def load_checkpoint(self, directory: Path) -> dict[str, Any]:
+        if not (directory / DS_TAG).is_dir():
+            raise FileNotFoundError(f"{directory / DS_TAG}: not found; {directory} is not a DeepSpeed checkpoint of this strategy")
+        path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG)
+        if path is None:
+            raise ValueError(f"{directory}: DeepSpeed could not load this checkpoint")
+        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.ds_config["zero_optimization"].get("stage", 0) == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            return {k: v.float().cpu() for k, v in (sd or {}).items()} if self.is_main else {}
+        return {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()} if self.is_main else {}
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.engine.module if self.engine is not None else model

@@ -1,0 +1,36 @@
+"""What DDP and FSDP share: a torch.distributed process group."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ember.distributed.base import Strategy
+from ember.distributed.process_group import destroy_process_group, init_process_group
+
+
+class TorchDistributedStrategy(Strategy):
+    def __init__(self, device: torch.device, backend: str | None = None):
+        super().__init__(device)
+        self.backend = backend
+
+    def setup(self) -> None:
+        self.rank, self.world_size, self.local_rank = init_process_group(self.device, self.backend)
+
+    def teardown(self) -> None:
+        destroy_process_group()
+
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        # gloo has no AVG; SUM then divide works on every backend.
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value / self.world_size
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
