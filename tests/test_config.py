@@ -131,3 +131,24 @@ def test_durations():
         parse_duration("soon")
     with pytest.raises(ConfigError, match="training.time_budget"):
         config_from_dict({"training": {"time_budget": "soon"}, "data": {"train": "x"}})
+
+
+def test_more_mistakes_caught_before_training(tmp_path, monkeypatch):
+    raw = {
+        "model": {"preset": "tiny", "size": "8B"},
+        "training": {"seed": -1, "betas": [0.9]},
+        "data": {"train": []},
+    }
+    with pytest.raises(ConfigError) as ei:
+        config_from_dict(raw)
+    problems = dict(ei.value.problems)
+    assert "not both" in problems["model.size"]
+    assert "must not be negative" in problems["training.seed"]
+    assert "required" in problems["data.train"]
+    assert "a list of 2 values" in problems["training.betas"]
+    (tmp_path / "somedir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        load_config("somedir")
+    (tmp_path / "quickstart").mkdir()  # a folder named like a built-in config does not shadow it
+    assert load_config("quickstart").run_name == "quickstart"

@@ -14,17 +14,8 @@ import pytest
 import yaml
 
 from ember.config import config_from_dict, load_config
-from ember.data.builtin import stdlib_shards
 from ember.train import PretrainingOrchestrator
 from ember.train.checkpoint import latest_checkpoint, list_checkpoints
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """The built-in corpus, tokenized once per test session."""
-    cache = tmp_path_factory.mktemp("cache")
-    stdlib_shards(cache)
-    return cache
 
 
 def small_config(tmp_path: Path, corpus: Path, **sections) -> dict:
@@ -146,7 +137,27 @@ def test_compiled_model_trains_like_eager(tmp_path, corpus):
     assert a.keys() == b.keys()
     assert all(abs(a[k] - b[k]) < 1e-4 for k in a), (a, b)
     # Checkpoints of compiled runs use the plain parameter names.
-    from safetensors import safe_open
+    from ember.distributed.checkpoint_io import SafeFileSystemReader
 
-    with safe_open(str(latest_checkpoint(tmp_path / "runs" / "compiled" / "checkpoints") / "model.safetensors"), "pt") as f:
-        assert all("_orig_mod" not in k for k in f.keys())
+    names = SafeFileSystemReader(str(latest_checkpoint(tmp_path / "runs" / "compiled" / "checkpoints"))).read_metadata().state_dict_metadata
+    assert "model.tok_embeddings.weight" in names
+    assert all("_orig_mod" not in k for k in names)
+
+
+def test_saved_config_continues_its_own_run(tmp_path, corpus):
+    raw = small_config(tmp_path, corpus, training={"max_steps": 4})
+    summary = PretrainingOrchestrator(config_from_dict(raw)).train()
+    saved = Path(summary["run_dir"]) / "config.yaml"
+    again = load_config(saved, ["training.max_steps=6"])
+    assert again.run_dir == Path(summary["run_dir"])
+    assert PretrainingOrchestrator(again, resume="auto").train()["start_step"] == 4
+
+
+def test_shards_from_a_larger_vocabulary_are_refused(tmp_path, corpus):
+    from ember.data import ShardWriter
+
+    with ShardWriter(tmp_path / "big.tok", 128256) as w:
+        w.add_document(list(range(2000)))
+    raw = small_config(tmp_path, corpus, data={"train": str(tmp_path / "big.tok")})
+    with pytest.raises(ValueError, match=r"big.tok: tokenized with a vocabulary of 128256.*vocab_size 259"):
+        PretrainingOrchestrator(config_from_dict(raw)).train()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import re
 import types
 import typing
@@ -98,8 +99,27 @@ class TrainingSection:
 
 
 @dataclass
+class PrepareSection:
+    """``ember prepare``: text corpora to tokenize into shards (docs/prepare.md). Unused while ``inputs`` is empty."""
+
+    inputs: list[str] | str = field(default_factory=list)  # files, directories, globs, builtin:stdlib
+    output: str | None = None  # gets train/, validation/ and manifest.json
+    tokenizer: str | None = None  # default: data.tokenizer
+    shard_tokens: int = 100_000_000
+    validation_fraction: float | None = None
+    validation_count: int | None = None
+    bos: bool | None = None  # null: as the tokenizer defines
+    eos: bool | None = None
+    text_field: str = "text"  # JSON key / Parquet column
+    txt_mode: Literal["file", "line", "paragraph"] = "file"
+    skip_bad: bool = False
+    workers: int | None = None  # default: one per core
+
+
+@dataclass
 class DataSection:
     # A path, a list of paths, or {path: weight}; "builtin:stdlib" is the built-in corpus.
+    # Default with data.prepare: its output's train/ (and validation/).
     train: str | list[str] | dict[str, float] | None = None
     validation: str | list[str] | None = None
     seq_len: int = 2048
@@ -107,6 +127,7 @@ class DataSection:
     num_threads: int = 2
     prefetch: int = 4
     cache_dir: str = "data"  # where built-in corpora are tokenized to
+    prepare: PrepareSection = field(default_factory=PrepareSection)
 
 
 @dataclass
@@ -203,8 +224,12 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple, dict):
-        return f"{origin.__name__}"
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(tp))} values"
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -332,6 +357,8 @@ def _validate(cfg: Config) -> list[tuple[str, str]]:
     m, t, d, c, lg = cfg.model, cfg.training, cfg.data, cfg.checkpoint, cfg.logging
 
     name = m.preset_name()
+    if m.preset is not None and m.size is not None:
+        p.append(("model.size", f"give model.preset or model.size, not both (preset {m.preset!r}, size {m.size!r})"))
     if m.preset is not None and m.preset not in PRESETS:
         p.append(("model.preset", f"unknown preset {m.preset!r}; known: {', '.join(sorted(PRESETS))}"))
     elif m.preset is None and m.size is not None and name is None:
@@ -384,8 +411,10 @@ def _validate(cfg: Config) -> list[tuple[str, str]]:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         p.append(("training.device", f"expected auto, cpu, cuda or cuda:N, got {t.device!r}"))
 
-    if d.train is None:
-        p.append(("data.train", "required: a shard path, a list of paths, {path: weight}, or builtin:stdlib"))
+    if t.seed < 0:
+        p.append(("training.seed", f"must not be negative, got {t.seed}"))
+    if (d.train is None or (isinstance(d.train, (list, dict)) and not d.train)) and not d.prepare.inputs:
+        p.append(("data.train", "required: a shard path, a list of paths, {path: weight}, or builtin:stdlib (or data.prepare)"))
     elif isinstance(d.train, dict):
         for k, w in d.train.items():
             if w <= 0:
@@ -394,15 +423,42 @@ def _validate(cfg: Config) -> list[tuple[str, str]]:
         p.append(("data.seq_len", f"must be at least 1, got {d.seq_len}"))
     if d.num_threads < 1 or d.prefetch < 1:
         p.append(("data", "num_threads and prefetch must be at least 1"))
+    p += _validate_prepare(d)
 
     if c.every_n_steps is not None and c.every_n_steps < 1:
         p.append(("checkpoint.every_n_steps", f"must be at least 1 or null, got {c.every_n_steps}"))
     if c.keep_last is not None and c.keep_last < 1:
         p.append(("checkpoint.keep_last", f"must be at least 1 or null, got {c.keep_last}"))
+    for key, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if getattr(lg, key) and importlib.util.find_spec(module) is None:
+            p.append((f"logging.{key}", f"is true but {module} is not installed (pip install {module})"))
     if lg.log_every < 1:
         p.append(("logging.log_every", f"must be at least 1, got {lg.log_every}"))
     if lg.run_name is not None and (not lg.run_name or "/" in lg.run_name or lg.run_name in (".", "..")):
         p.append(("logging.run_name", f"must be a plain directory name, got {lg.run_name!r}"))
+    return p
+
+
+def _validate_prepare(d: DataSection) -> list[tuple[str, str]]:
+    from ember.data.prepare import option_problems
+
+    pr = d.prepare
+    if not pr.inputs:
+        return [("data.prepare.inputs", "required when data.prepare.output is set")] if pr.output else []
+    p = [] if pr.output else [("data.prepare.output", "required: the directory to write the shards to")]
+    if pr.tokenizer is not None and pr.tokenizer != d.tokenizer and d.tokenizer != "byte":
+        p.append(("data.prepare.tokenizer", f"{pr.tokenizer!r} differs from data.tokenizer {d.tokenizer!r}; give it once, as data.tokenizer"))
+    p += [
+        (f"data.prepare.{key}", msg)
+        for key, msg in option_problems(
+            shard_tokens=pr.shard_tokens,
+            validation_fraction=pr.validation_fraction,
+            validation_count=pr.validation_count,
+            txt_mode=pr.txt_mode,
+            text_field=pr.text_field,
+            workers=pr.workers,
+        )
+    ]
     return p
 
 
@@ -494,8 +550,10 @@ def builtin_configs() -> dict[str, Path]:
 
 def resolve_config_path(path: str | Path) -> Path:
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         return p
+    if p.is_dir() and str(path) not in builtin_configs():
+        raise FileNotFoundError(f"{path}: is a directory, not a config file")
     shipped = builtin_configs()
     if str(path) in shipped:
         return shipped[str(path)]

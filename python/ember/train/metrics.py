@@ -64,7 +64,7 @@ class MetricsLogger:
         numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:
             for k, v in numeric.items():
-                self._tb.add_scalar(k.replace("/", "_") if "/" not in k else k, v, step)
+                self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
 

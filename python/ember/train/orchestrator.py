@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from ember import _native
 from ember.config import Config, parse_duration
 from ember.data import TokenLoader
 from ember.data.builtin import STDLIB, stdlib_shards
@@ -97,9 +99,24 @@ class PretrainingOrchestrator:
             prefetch=d.prefetch,
             pin_memory=s.device.type == "cuda",
         )
+        self._check_vocabulary(train_paths, "data.train")
+        if val_paths:
+            self._check_vocabulary(val_paths, "data.validation")
         train = TokenLoader(train_paths, seed=t.seed, shuffle=True, **common)
         val = TokenLoader(val_paths, shuffle=False, **common) if val_paths else None
         return train, val
+
+    def _check_vocabulary(self, paths: Any, key: str) -> None:
+        """Shards that record their tokenizer's vocabulary must fit the model's embedding table."""
+        names = list(paths) if isinstance(paths, (list, dict)) else [paths]
+        vocab = self.llama_config.vocab_size
+        for name in names:
+            for shard_path, _fmt, _dtype, _tokens, shard_vocab in _native.Dataset([str(name)]).shards():
+                if shard_vocab is not None and shard_vocab > vocab:
+                    raise ValueError(
+                        f"{shard_path}: tokenized with a vocabulary of {shard_vocab}, larger than the model's "
+                        f"vocab_size {vocab} ({key}); set model.vocab_size or use shards of a matching tokenizer"
+                    )
 
     def _build_model(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         t = self.config.training
@@ -174,10 +191,18 @@ class PretrainingOrchestrator:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         self.llama_config: LlamaConfig = cfg.model.llama_config()
+        if cfg.model.init_from is not None:
+            raise ValueError(
+                f"model.init_from ({cfg.model.init_from}): starting from a Hugging Face checkpoint "
+                "is not available in this version of Ember"
+            )
         self.precision = self._precision()
         resume_from = self._resume_point()
         run_dir = cfg.run_dir
-        config_yaml = cfg.to_yaml()
+        # The saved config names its run, so `ember train runs/x/config.yaml --resume auto` continues it.
+        saved = cfg.to_dict()
+        saved["logging"]["run_name"] = cfg.run_name
+        config_yaml = yaml.safe_dump(saved, sort_keys=False)
         if s.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / RESOLVED_CONFIG).write_text(config_yaml)
