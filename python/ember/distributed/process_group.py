@@ -26,10 +26,20 @@ def init_process_group(device: torch.device, backend: str | None = None, timeout
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        kwargs = {}
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if restart > 0 and "MASTER_PORT" in os.environ:
+            # After torchrun restarts the workers, the launcher's store still holds the
+            # previous round's addresses under the default keys; a new prefix per round
+            # keeps the new processes from connecting to dead ones.
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+            kwargs = {"store": dist.PrefixStore(f"ember/restart-{restart}", base), "rank": rank, "world_size": world}
         dist.init_process_group(
             backend=backend or default_backend(device),
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
+            **kwargs,
         )
     return dist.get_rank(), dist.get_world_size(), local
 

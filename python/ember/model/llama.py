@@ -181,7 +181,8 @@ class Llama(nn.Module):
         self._tie_weights()
         std = self.config.initializer_range
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
-        names = {id(p): n for n, p in self.named_parameters()}
+        # Names as in the state dict: wrappers (activation checkpointing) must not change the values.
+        names = {id(p): n.replace("_checkpoint_wrapped_module.", "") for n, p in self.named_parameters()}
 
         def normal(weight: torch.Tensor, std: float) -> None:
             _init_normal(weight, std, seed, names[id(weight)])
