@@ -26,11 +26,78 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from ember.train.convert import convert_to_hf
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, None: None}[args.dtype]
+    out = convert_to_hf(args.checkpoint, args.out_dir, dtype=dtype, tokenizer_dir=args.tokenizer)
+    print(f"wrote Hugging Face checkpoint to {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ember.data.demo import run_demo
 
     run_demo(out_dir=args.out, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps)
     return 0
+
+
+# Options of `ember prepare` that shape the output: on the command line, or in a config's data.prepare.
+_PREPARE_OPTIONS = ("output", "tokenizer", "shard_tokens", "validation_fraction", "validation_count", "bos", "eos",
+                    "text_field", "txt_mode", "skip_bad")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from ember.data.prepare import prepare, prepare_from_config
+
+    sources = list(args.sources)
+    t0 = time.perf_counter()
+    progress = False if args.no_progress else None
+    if sources[0].lower().endswith((".yaml", ".yml")):
+        from ember.config import load_config
+
+        given = [f"--{k.replace('_', '-')}" for k in _PREPARE_OPTIONS if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"with a config, set {', '.join(given)} in its data.prepare section or as overrides (data.prepare.KEY=VALUE)")
+        bad = [o for o in sources[1:] if "=" not in o]
+        if bad:
+            raise ValueError(f"expected overrides of the form data.prepare.key=value after the config, got {' '.join(bad)!r}")
+        config = load_config(sources[0], sources[1:])
+        manifest = prepare_from_config(config.data, workers=args.workers, overwrite=args.overwrite, progress=progress)
+        output = config.data.prepare.output
+    else:
+        if args.output is None:
+            raise ValueError("--output DIR is required (or give a YAML config with a data.prepare section)")
+        options = {k: getattr(args, k) for k in _PREPARE_OPTIONS if getattr(args, k) is not None}
+        manifest = prepare(sources, workers=args.workers, overwrite=args.overwrite, progress=progress, **options)
+        output = args.output
+    print(_prepare_summary(manifest, output, time.perf_counter() - t0))
+    return 0
+
+
+def _prepare_summary(m: dict, output: str, seconds: float) -> str:
+    t = m["totals"]
+    lines = [
+        f"prepared {t['documents']:,} documents ({t['text_bytes'] / 1e6:,.1f} MB of text from {t['files']:,} files) "
+        f"into {output}: {t['tokens']:,} tokens, {m['dtype']}, tokenizer {m['tokenizer']['name']} (vocabulary {m['tokenizer']['vocab_size']:,})"
+    ]
+    for name, split in m["splits"].items():
+        if split["documents"]:
+            lines.append(
+                f"  {name:<10} {split['documents']:>12,} documents {split['tokens']:>15,} tokens "
+                f"{len(split['shards']):>5} shard{'s' if len(split['shards']) != 1 else ' '}  {output}/{name}"
+            )
+    if t["skipped_empty"] or t["skipped_bad"]:
+        first = next((f["first_bad"] for f in m["files"] if f.get("first_bad")), None)
+        lines.append(f"  skipped {t['skipped_empty']:,} empty and {t['skipped_bad']:,} bad records" + (f" (first bad: {first})" if first else ""))
+    if m["options"]["validation_fraction"] and not m["splits"]["validation"]["documents"]:
+        lines.append("  note: the validation split is empty (too few documents for validation_fraction)")
+    lines.append(f"in {seconds:.1f} s ({t['text_bytes'] / 1e6 / max(seconds, 1e-9):,.1f} MB/s of text, this run)")
+    return "\n".join(lines)
 
 
 def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -115,11 +182,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     t.set_defaults(func=_cmd_train)
 
+    c = sub.add_parser("convert", help="convert an Ember checkpoint to a Hugging Face checkpoint")
+    c.add_argument("checkpoint", help="a checkpoint directory (step-N), a run's checkpoints directory, or a run directory (latest checkpoint)")
+    c.add_argument("--to", choices=["hf"], required=True, help="output format")
+    c.add_argument("out_dir", help="directory to write")
+    c.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None, help="weight dtype (default: as stored, float32)")
+    c.add_argument("--tokenizer", default=None, help="a tokenizer directory to copy alongside")
+    c.set_defaults(func=_cmd_convert)
+
     q = sub.add_parser("inspect", help="describe token shards (any supported format) and validate them")
     q.add_argument("paths", nargs="+", help="shard files, Megatron prefixes or directories")
     q.add_argument("--check-tokens", action="store_true", help="also check every token id against the vocabulary")
     q.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for --check-tokens (default: as recorded)")
     q.set_defaults(func=_cmd_inspect)
+
+    r = sub.add_parser(
+        "prepare",
+        help="tokenize text corpora (.txt, .jsonl, .parquet, .gz, .zst) into token shards",
+        description="Tokenizes INPUTs (files, directories, globs, builtin:stdlib) into Ember shards under --output "
+        "(train/, validation/, manifest.json); or prepares what a YAML config's data.prepare section names "
+        "(`ember prepare CONFIG.yaml [data.prepare.KEY=VALUE ...]`). An interrupted run resumes when started again. "
+        "See docs/prepare.md.",
+    )
+    r.add_argument("sources", nargs="+", metavar="INPUT", help="files, directories, globs or builtin:stdlib; or CONFIG.yaml then KEY=VALUE overrides")
+    r.add_argument("-o", "--output", default=None, help="directory to write (must not hold a finished preparation)")
+    r.add_argument("--tokenizer", default=None, help="'byte' (default), a tokenizer.json, or a Hugging Face tokenizer directory")
+    r.add_argument("--shard-tokens", type=int, default=None, help="close a shard once it holds this many tokens (default 100,000,000)")
+    split = r.add_mutually_exclusive_group()
+    split.add_argument("--validation-fraction", type=float, default=None, help="fraction of documents, evenly spread, for validation/")
+    split.add_argument("--validation-count", type=int, default=None, help="the first N documents go to validation/")
+    r.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None, help="add / omit the BOS token (default: as the tokenizer does)")
+    r.add_argument("--eos", action=argparse.BooleanOptionalAction, default=None, help="add / omit the EOS token (default: as the tokenizer does)")
+    r.add_argument("--text-field", default=None, help="JSON key / Parquet column holding the text (default: text)")
+    r.add_argument("--txt-mode", choices=("file", "line", "paragraph"), default=None, help=".txt documents: whole file (default), line, or paragraph")
+    r.add_argument("--skip-bad", action="store_true", default=None, help="skip and count malformed records instead of stopping at the first")
+    r.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: one per core); the output does not depend on it")
+    r.add_argument("--overwrite", action="store_true", help="replace a finished output, or discard an interrupted one")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_prepare)
 
     d = sub.add_parser("demo", help="tokenize the standard library into shards and stream batches from them")
     d.add_argument("--out", default=None, help="cache directory for the shards (default: a temporary directory)")

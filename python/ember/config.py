@@ -69,6 +69,12 @@ class ModelSection:
         return None
 
     def llama_config(self) -> LlamaConfig:
+        if self.init_from is not None:
+            # Continual pretraining: the checkpoint's own config.json is the architecture;
+            # fields given explicitly still override it (e.g. max_position_embeddings).
+            from ember.model.hf import config_from_hf
+
+            return dataclasses.replace(config_from_hf(self.init_from), **self.arch)
         name = self.preset_name()
         if name is None:
             return LlamaConfig(**self.arch)
@@ -357,9 +363,11 @@ def _validate(cfg: Config) -> list[tuple[str, str]]:
     m, t, d, c, lg = cfg.model, cfg.training, cfg.data, cfg.checkpoint, cfg.logging
 
     name = m.preset_name()
-    if m.preset is not None and m.size is not None:
+    if m.init_from is not None:
+        pass  # the architecture comes from the checkpoint's config.json, read when training starts
+    elif m.preset is not None and m.size is not None:
         p.append(("model.size", f"give model.preset or model.size, not both (preset {m.preset!r}, size {m.size!r})"))
-    if m.preset is not None and m.preset not in PRESETS:
+    elif m.preset is not None and m.preset not in PRESETS:
         p.append(("model.preset", f"unknown preset {m.preset!r}; known: {', '.join(sorted(PRESETS))}"))
     elif m.preset is None and m.size is not None and name is None:
         p.append(("model.size", f"no preset for size {m.size!r}; known sizes: {', '.join(sorted(SIZE_PRESETS))}"))

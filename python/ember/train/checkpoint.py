@@ -9,6 +9,7 @@ What goes inside is the strategy's business (``Strategy.save_checkpoint``).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ from ember.distributed.base import Strategy
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 CONFIG_FILE = "config.yaml"
+ARCHITECTURE_FILE = "llama.json"  # the resolved LlamaConfig, so a checkpoint converts on its own
 
 
 def step_dir_name(step: int) -> str:
@@ -61,7 +63,7 @@ class Checkpointer:
         self.strategy = strategy
         self.keep_last = keep_last
 
-    def save(self, step: int, extra: dict[str, Any], config_yaml: str) -> Path:
+    def save(self, step: int, extra: dict[str, Any], config_yaml: str, architecture: dict[str, Any] | None = None) -> Path:
         final = self.directory / step_dir_name(step)
         tmp = self.directory / f".{final.name}.tmp"
         if self.strategy.is_main:
@@ -70,6 +72,8 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
             (tmp / CONFIG_FILE).write_text(config_yaml)
+            if architecture is not None:
+                (tmp / ARCHITECTURE_FILE).write_text(json.dumps(architecture, indent=2) + "\n")
         self.strategy.barrier()
         self.strategy.save_checkpoint(tmp, extra)
         self.strategy.barrier()

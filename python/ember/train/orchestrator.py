@@ -9,6 +9,7 @@ strategy interface (``ember.distributed.base.Strategy``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -25,6 +26,7 @@ from ember.data.builtin import STDLIB, stdlib_shards
 from ember.distributed import make_strategy
 from ember.model import Llama, LlamaConfig, apply_activation_checkpointing
 from ember.model.config import flops_per_token
+from ember.model.hf import save_hf_checkpoint, weights_loader
 from ember.train.checkpoint import Checkpointer, latest_checkpoint, list_checkpoints
 from ember.train.metrics import MetricsLogger, perplexity
 from ember.train.optim import build_optimizer
@@ -32,6 +34,7 @@ from ember.train.schedule import build_scheduler
 from ember.train.speed_monitor import SpeedMonitor
 
 RESOLVED_CONFIG = "config.yaml"
+HF_EXPORT_DIR = "hf"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -138,6 +141,10 @@ class PretrainingOrchestrator:
         def init_weights(m: torch.nn.Module) -> None:
             m.init_weights(seed=t.seed)
 
+        if self.config.model.init_from is not None:
+            # Continual pretraining: each rank reads its own shards of the checkpoint.
+            init_weights = weights_loader(self.config.model.init_from)  # noqa: F811
+
         model, optimizer = self.strategy.prepare(model, make_optimizer, init_weights)
         return model, optimizer
 
@@ -174,6 +181,24 @@ class PretrainingOrchestrator:
         finally:
             s.teardown()
 
+    def export_hf(self, directory: Path) -> Path:
+        """Writes the model's weights as a Hugging Face checkpoint (every rank calls it;
+        the main rank writes). bf16 runs export bf16, others float32; a Hugging Face
+        tokenizer named by ``data.tokenizer`` is copied alongside."""
+        state = self.strategy.full_state_dict()
+        if self.strategy.is_main:
+            bf16 = self.config.training.precision in ("bf16-mixed", "bf16-true") or self.precision in ("bf16-mixed", "bf16-true")
+            tok = Path(self.config.data.tokenizer)
+            save_hf_checkpoint(
+                state,
+                directory,
+                self.llama_config,
+                dtype=torch.bfloat16 if bf16 else torch.float32,
+                tokenizer_dir=tok if tok.is_dir() else None,
+            )
+        self.strategy.barrier()
+        return directory
+
     def sample(self, prompt: str, max_new_tokens: int = 200) -> str:
         """Text continuing ``prompt`` (byte tokenizer), sampled with a fixed seed. Every rank calls it."""
         from ember.data.tokenizer import ByteTokenizer
@@ -191,11 +216,6 @@ class PretrainingOrchestrator:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         self.llama_config: LlamaConfig = cfg.model.llama_config()
-        if cfg.model.init_from is not None:
-            raise ValueError(
-                f"model.init_from ({cfg.model.init_from}): starting from a Hugging Face checkpoint "
-                "is not available in this version of Ember"
-            )
         self.precision = self._precision()
         resume_from = self._resume_point()
         run_dir = cfg.run_dir
@@ -267,7 +287,7 @@ class PretrainingOrchestrator:
                 "scaler": scaler.state_dict(),
                 "rng": _rng_state(),
             }
-            path = checkpointer.save(at_step, extra, config_yaml)
+            path = checkpointer.save(at_step, extra, config_yaml, dataclasses.asdict(self.llama_config))
             logger.message(f"saved checkpoint {path}")
 
         summary: dict[str, Any] = {"run_dir": str(run_dir), "start_step": step}
@@ -329,6 +349,9 @@ class PretrainingOrchestrator:
                 summary.update(val)
             if cfg.checkpoint.save_final and step > summary["start_step"]:
                 save(step)
+            if cfg.checkpoint.export_hf and step > summary["start_step"]:
+                summary["hf_dir"] = str(self.export_hf(run_dir / HF_EXPORT_DIR))
+                logger.message(f"wrote Hugging Face weights to {summary['hf_dir']}")
         finally:
             logger.close()
         summary.update({"steps": step, "tokens_seen": tokens_seen, "stopped_by": stopped_by})
