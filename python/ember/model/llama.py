@@ -31,7 +31,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos, sin)
+        # In place: q and k are fresh projections that autograd does not keep.
+        q, k = apply_rotary(q, k, cos, sin, inplace=True)
         # Query head h reads key/value head h // (n_heads // n_kv_heads). The flag is set only
         # when heads are grouped: some fused SDPA backends refuse any call that sets it.
         grouped = self.n_kv_heads != self.n_heads
@@ -61,8 +62,9 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
-        return h + self.feed_forward(self.ffn_norm(h))
+        # The residual add before the FFN is fused into its norm: one pass over the activations.
+        normed, h = self.ffn_norm(self.attention(self.attention_norm(x), cos, sin), residual=x)
+        return h + self.feed_forward(normed)
 
 
 class Llama(nn.Module):
