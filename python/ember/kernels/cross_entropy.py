@@ -8,14 +8,23 @@ and ``lse = logsumexp(z)``::
          + z_loss * lse**2                          # PaLM's z-loss
 
 Ignored tokens (``target == ignore_index``) have loss 0 and no gradient.
+
+The Triton path (``_cross_entropy_triton``) computes each token's loss and its gradient in
+one kernel during the forward pass (see :mod:`._triton_ce`): two sweeps over the row, the
+gradient written into a fresh buffer of the logits' dtype, never over the caller's logits.
+Backward only scales that buffer in place by the upstream gradient of each token's loss,
+which autograd derives through the reduction, so every reduction and any ``num_tokens``
+(an int or a device tensor) work without a host synchronisation.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import os
 
-from ._dispatch import select, upcast
+import torch
+from torch import Tensor, nn
+
+from ._dispatch import ENV_VAR, select, upcast
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -113,8 +122,200 @@ def cross_entropy_reference(
     return reduce_losses(losses, targets, reduction, ignore_index, num_tokens)
 
 
-# The Triton kernel, once written; None routes CUDA tensors to the reference.
-_triton_impl = None
+# ---------------------------------------------------------------------------
+# Triton path: custom ops (so torch.compile sees through them), autograd, entry point.
+
+
+def interpreter_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter now (read as Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
+
+
+def check_triton_device(op: str, tensor: torch.Tensor) -> None:
+    """Refuses tensors the Triton kernels cannot run on: they need CUDA, or the CPU under the interpreter.
+
+    Plain Python over the environment, so torch.compile traces it without a graph break.
+    """
+    if tensor.is_cuda or (tensor.device.type == "cpu" and interpreter_requested()):
+        return
+    raise NotImplementedError(
+        f"{ENV_VAR}=triton, but ember.kernels.{op} has no Triton kernel for {tensor.device.type} tensors "
+        f"outside the Triton interpreter; use CUDA tensors, set TRITON_INTERPRET=1 (the interpreter on "
+        f"the CPU: slow, for tests), or unset {ENV_VAR}"
+    )
+
+
+def folds_mean_scale(dtype: torch.dtype) -> bool:
+    """Whether the forward kernel folds the mean's 1/denominator into a gradient of ``dtype``.
+
+    Folding rounds the gradient once (backward multiplies by an upstream gradient that is
+    usually 1). float16 is the exception: p/N is below its smallest subnormal for common
+    vocabularies and batch sizes, so its gradient waits for backward to be divided.
+    """
+    return dtype != torch.float16
+
+
+# cross_entropy stores a float16 gradient times this power of two, undone exactly in
+# backward: softmax values under 6e-5 are float16 subnormals, and a loss scaler's factor
+# only arrives in backward. |d loss / d logit| <= 1 + 2 z_loss |lse| stays far below
+# 65504 / 2**12. (The fused linear op cannot: its float16 matmuls would carry the factor.)
+FLOAT16_PRESCALE = 2.0**12
+
+
+def device_scalar(value, device: torch.device) -> Tensor:
+    """``value`` (a number or a tensor) as a 0-d float32 tensor on ``device``, without a host sync."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32).reshape(())
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
+def reduce_in_op(losses: Tensor, reduction: str, denominator: Tensor | None) -> Tensor:
+    """The reduction inside the custom ops, so their backward receives the upstream gradient itself."""
+    if reduction == "none":
+        return losses
+    return losses.sum() if reduction == "sum" else losses.sum() / denominator
+
+
+@torch.library.custom_op("ember::cross_entropy", mutates_args=())
+def _cross_entropy_op(
+    logits: Tensor,
+    targets: Tensor,
+    denominator: Tensor | None,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    with_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """The reduced loss (float32) and, if ``with_grad``, its gradient (N, V) in the logits' dtype
+    for an upstream gradient of 1 (times :data:`FLOAT16_PRESCALE` in float16; else an empty
+    tensor); ``denominator`` is the mean's."""
+    from . import _triton_ce
+
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if with_grad else logits.new_empty(0)
+    grad_scale = None
+    if not folds_mean_scale(logits.dtype):
+        grad_scale = torch.full((), FLOAT16_PRESCALE, dtype=torch.float32, device=logits.device)
+    elif reduction == "mean":
+        grad_scale = 1.0 / denominator
+    _triton_ce.cross_entropy_rows(
+        logits,
+        targets.contiguous(),
+        losses,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        grad=grad if with_grad else None,
+        grad_scale=grad_scale,
+    )
+    return reduce_in_op(losses, reduction, denominator), grad
+
+
+@_cross_entropy_op.register_fake
+def _(logits, targets, denominator, reduction, ignore_index, label_smoothing, z_loss, softcap, with_grad):
+    loss = logits.new_empty(logits.shape[:1] if reduction == "none" else (), dtype=torch.float32)
+    return loss, (logits.new_empty(logits.shape) if with_grad else logits.new_empty(0))
+
+
+def _cross_entropy_setup_context(ctx, inputs, output):
+    logits, _, denominator, reduction = inputs[:4]
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.prescaled = not folds_mean_scale(logits.dtype)
+    ctx.save_for_backward(grad, denominator if ctx.prescaled and reduction == "mean" else None)
+
+
+def _cross_entropy_backward(ctx, grad_loss, _):
+    # One factor for "mean" and "sum", one per row for "none". Scaling in place keeps one
+    # (N, V) buffer alive instead of two; a second backward through the same graph
+    # (retain_graph=True) then fails loudly, the saved gradient's version having changed.
+    grad, denominator = ctx.saved_tensors
+    scale = grad_loss
+    if ctx.prescaled:
+        scale = scale * (1.0 / FLOAT16_PRESCALE)
+        if denominator is not None:
+            scale = scale / denominator
+    torch.ops.ember.scale_rows_(grad, scale)
+    return (grad,) + (None,) * 8
+
+
+_cross_entropy_op.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup_context)
+
+
+@torch.library.custom_op("ember::scale_rows_", mutates_args=("x",))
+def _scale_rows_inplace(x: Tensor, scale: Tensor) -> None:
+    """``x *= scale``: ``scale`` 0-d, or one factor per row of ``x`` (R, C); in float32."""
+    from . import _triton_ce
+
+    _triton_ce.scale_rows(x, scale, x)
+
+
+@torch.library.custom_op("ember::scale_rows", mutates_args=())
+def _scale_rows_cast(x: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(x * scale).to(dtype)`` without a float32 temporary; ``x`` contiguous."""
+    from . import _triton_ce
+
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    _triton_ce.scale_rows(x, scale, out)
+    return out
+
+
+@_scale_rows_cast.register_fake
+def _(x, scale, dtype):
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+def scaled_gradient(grad: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``grad * scale`` in ``dtype``: in place when ``grad`` already has that dtype."""
+    if grad.dtype == dtype:
+        torch.ops.ember.scale_rows_(grad, scale)
+        return grad
+    return torch.ops.ember.scale_rows(grad, scale, dtype)
+
+
+def _cross_entropy_triton(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    softcap: float | None = None,
+    num_tokens: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`cross_entropy` on the Triton kernel; float64 logits take the reference."""
+    options = dict(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    if logits.dtype == torch.float64:
+        return cross_entropy_reference(
+            logits, targets, ignore_index=ignore_index, reduction=reduction, num_tokens=num_tokens, **options
+        )
+    check_options(reduction=reduction, num_tokens=num_tokens, **options)
+    check_targets(logits, targets, "logits")
+    check_triton_device("cross_entropy", logits)
+    flat_targets = targets.reshape(-1)
+    denominator = None
+    if reduction == "mean":
+        denominator = device_scalar(mean_denominator(flat_targets, ignore_index, num_tokens), logits.device)
+    loss, _ = torch.ops.ember.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        flat_targets,
+        denominator,
+        reduction,
+        ignore_index,
+        float(label_smoothing),
+        float(z_loss),
+        None if softcap is None else float(softcap),
+        torch.is_grad_enabled() and logits.requires_grad,
+    )
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+_triton_impl = _cross_entropy_triton
 
 
 def cross_entropy(
