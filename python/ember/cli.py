@@ -156,6 +156,12 @@ def _summary_text(summary: dict) -> str:
     return "\n".join(parts)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ember.bench import run_bench
+
+    return run_bench(args.suite, small=args.small, json_path=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ember", description="Pretrain Llama-family language models.")
     p.add_argument("--version", action="version", version=f"ember {ember.__version__}")
@@ -227,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--steps", type=int, default=500, help="batches to read")
     d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser(
+        "bench",
+        help="run the benchmark suites of a source checkout and print one comparison table",
+        description="Runs benchmarks/ of the current directory (or of the source tree Ember was installed from; "
+        "the suites are not in the wheel) with pytest-benchmark, then prints one table: Ember against the "
+        "baselines measured in the same run. See BENCHMARKS.md.",
+    )
+    from ember.bench import SUITES  # standard library only: keeps `ember --help` fast
+
+    b.add_argument("--suite", choices=(*SUITES, "all"), default="all", help="which suites (default: all)")
+    b.add_argument("--small", action="store_true", help="smoke sizes (EMBER_BENCH_SMALL=1): every code path, figures not meaningful")
+    b.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="where pytest-benchmark's JSON goes (default: .benchmarks/ember-bench-SUITE-TIME.json); "
+        "the table's rows go beside it, NAME.table.json for NAME.json",
+    )
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

@@ -130,6 +130,7 @@ def config_from_hf(directory: str | Path) -> LlamaConfig:
 
 
 def config_to_hf(cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
+    # Fresh dicts: transformers edits the rope dicts it is given in place.
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
         rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
@@ -147,7 +148,7 @@ def config_to_hf(cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
         "rms_norm_eps": cfg.rms_norm_eps,
         # Both spellings: transformers 5 reads rope_parameters, transformers 4 rope_theta/rope_scaling.
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": cfg.rope_scaling,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
         "rope_parameters": rope,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "initializer_range": cfg.initializer_range,
