@@ -161,3 +161,21 @@ def test_shards_from_a_larger_vocabulary_are_refused(tmp_path, corpus):
     raw = small_config(tmp_path, corpus, data={"train": str(tmp_path / "big.tok")})
     with pytest.raises(ValueError, match=r"big.tok: tokenized with a vocabulary of 128256.*vocab_size 259"):
         PretrainingOrchestrator(config_from_dict(raw)).train()
+
+
+def test_train_prepares_data_named_in_the_config_first(tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(30):
+        (texts / f"{i:02d}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 20)
+    raw = {
+        "model": {"preset": "tiny", "vocab_size": 259},
+        "training": {"batch_size": 2, "max_steps": 3, "warmup_steps": 1, "eval_batches": 2},
+        "data": {"seq_len": 32, "tokenizer": "byte", "prepare": {"inputs": [str(texts)], "output": str(tmp_path / "tokens"), "validation_count": 5}},
+        "checkpoint": {"every_n_steps": None},
+        "logging": {"run_dir": str(tmp_path / "runs"), "run_name": "p", "progress_bar": False},
+    }
+    summary = PretrainingOrchestrator(config_from_dict(raw)).train()
+    assert summary["steps"] == 3 and "val_loss" in summary
+    manifest = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
+    assert manifest["splits"]["validation"]["documents"] == 5

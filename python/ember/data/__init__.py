@@ -7,6 +7,7 @@ batches of fixed-length samples in a seeded, world-size-independent order.
 
 from ember._native import ShardFormatError
 from ember.data.loader import TokenLoader
+from ember.data.prepare import PrepareError, prepare
 from ember.data.shards import ShardWriter, TokenDataset, open_dataset
 
-__all__ = ["ShardFormatError", "ShardWriter", "TokenDataset", "TokenLoader", "open_dataset"]
+__all__ = ["PrepareError", "ShardFormatError", "ShardWriter", "TokenDataset", "TokenLoader", "open_dataset", "prepare"]

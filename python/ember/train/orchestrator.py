@@ -79,6 +79,12 @@ class PretrainingOrchestrator:
 
     def _data_paths(self) -> tuple[Any, Any]:
         d = self.config.data
+        if d.prepare.inputs:
+            # Tokenize once, on the main rank, before any rank opens the shards.
+            from ember.data.prepare import prepared_data_paths
+
+            with self.strategy.main_first():
+                return prepared_data_paths(d, progress=self.config.logging.progress_bar and self.strategy.is_main)
         train, val = d.train, d.validation
         if train == STDLIB or val == STDLIB:
             with self.strategy.main_first():
