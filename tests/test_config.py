@@ -46,7 +46,8 @@ def test_size_selects_a_preset_and_explicit_fields_override_it():
 @pytest.mark.parametrize("name", sorted(builtin_configs()))
 def test_every_shipped_config_loads(name):
     cfg = load_config(name)
-    cfg.model.llama_config()
+    if cfg.model.init_from is None:  # otherwise the architecture is read from the checkpoint, at training time
+        cfg.model.llama_config()
     assert cfg.run_name == name
     # The saved form loads back to the same config.
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
