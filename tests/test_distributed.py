@@ -126,7 +126,8 @@ def test_two_ranks_train_like_one_process(name, reference, tmp_path):
 
 def test_deepspeed_launcher(reference, tmp_path):
     cfg, want = reference
-    run(["deepspeed", "--num_gpus", "2", "--module", "ember", "train", str(cfg), "--no-sample", f"logging.run_dir={tmp_path / 'runs'}", "logging.run_name=r", "distributed.strategy=deepspeed", "training.batch_size=4"])
+    launcher = str(Path(sys.executable).parent / "deepspeed")  # the launcher installed beside this Python
+    run([launcher, "--num_gpus", "2", "--module", "ember", "train", str(cfg), "--no-sample", f"logging.run_dir={tmp_path / 'runs'}", "logging.run_name=r", "distributed.strategy=deepspeed", "training.batch_size=4"])
     assert_close(losses(tmp_path / "runs" / "r"), want)
 
 
