@@ -13,6 +13,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VENV=$(cd "$VENV" && pwd)
 PY="$VENV/bin/python"
+# The venv's tools (torchrun, deepspeed, ninja for DeepSpeed's CPU ops) come first on PATH.
+export PATH="$VENV/bin:$PATH"
 "$PY" -m pip install -q --upgrade pip "maturin>=1.5,<2"
 
 # Test what ships: build the wheel and install it (not an editable install), so a
