@@ -40,7 +40,6 @@ from .cross_entropy import (
     reduce_in_op,
     reduce_losses,
     scaled_gradient,
-    token_losses,
 )
 
 # Bytes of logits one chunk may hold when chunk_size is not given.
@@ -76,29 +75,41 @@ class _LossOptions(NamedTuple):
     softcap: float | None
 
 
-def _dlogits(logits: torch.Tensor, targets: torch.Tensor, opts: _LossOptions) -> torch.Tensor:
-    """d(token loss)/d(logits) for a chunk, in at least float32; zero rows where ignored.
+def _loss_and_dlogits(logits: torch.Tensor, targets: torch.Tensor, opts: _LossOptions, scale) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk's per-token losses (0 where ignored) and, when ``scale`` is given,
+    ``scale * d(loss)/d(logits)``, in at least float32, from one log-softmax.
 
     With ``z`` the capped logits and ``p = softmax(z)``, differentiating the formula in
     :mod:`.cross_entropy` gives ``dloss/dz_j = p_j * (1 + 2 * z_loss * lse)
     - (1 - label_smoothing) * [j == target] - label_smoothing / V``; the soft cap then
-    contributes ``dz/dlogits = 1 - (z / softcap)**2``.
+    contributes ``dz/dlogits = 1 - (z / softcap)**2``. The probabilities overwrite the
+    log-probabilities in place: one vocabulary-sized temporary per chunk.
     """
     z = upcast(logits)
     if opts.softcap is not None:
         z = opts.softcap * torch.tanh(z / opts.softcap)
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    grad = (z - lse).exp_()
-    if opts.z_loss:
-        grad.mul_(1.0 + 2.0 * opts.z_loss * lse)
+    logp = torch.log_softmax(z, dim=-1)
     valid = targets != opts.ignore_index
-    target_term = grad.new_full((len(targets), 1), opts.label_smoothing - 1.0)
-    grad.scatter_add_(-1, torch.where(valid, targets, 0).unsqueeze(-1), target_term)
+    safe_targets = torch.where(valid, targets, 0).unsqueeze(-1)
+    loss = -logp.gather(-1, safe_targets).squeeze(-1)
+    if opts.label_smoothing:
+        loss = (1.0 - opts.label_smoothing) * loss - opts.label_smoothing * logp.mean(dim=-1)
+    lse = None
+    if opts.z_loss:
+        lse = z[:, 0] - logp[:, 0]
+        loss = loss + opts.z_loss * lse.square()
+    loss = torch.where(valid, loss, 0.0)
+    if scale is None:
+        return loss, None
+    grad = logp.exp_()
+    if lse is not None:
+        grad.mul_((1.0 + 2.0 * opts.z_loss * lse).unsqueeze(-1))
+    grad.scatter_add_(-1, safe_targets, grad.new_full((len(targets), 1), opts.label_smoothing - 1.0))
     if opts.label_smoothing:
         grad.sub_(opts.label_smoothing / z.shape[-1])
     if opts.softcap is not None:
         grad.mul_(1.0 - (z / opts.softcap).square())
-    return grad.mul_(valid.unsqueeze(-1))
+    return loss, grad.mul_((valid.to(grad.dtype) * scale).unsqueeze(-1))
 
 
 def _chunked(
@@ -135,19 +146,26 @@ def _chunked(
         end = min(start + chunk_size, n)
         h, t = hidden[start:end], targets[start:end]
         logits = F.linear(h, weight, bias)
-        losses[start:end] = token_losses(logits, t, **opts._asdict())
+        scale = None
+        if want:
+            scale = grad_scale[start:end] if isinstance(grad_scale, torch.Tensor) and grad_scale.ndim else grad_scale
+        losses[start:end], dlogits = _loss_and_dlogits(logits, t, opts, scale)
+        del logits
         if not want:
             continue
-        scale = grad_scale[start:end, None] if isinstance(grad_scale, torch.Tensor) and grad_scale.ndim else grad_scale
-        dlogits = _dlogits(logits, t, opts).mul_(scale)
-        del logits
         if grad_bias is not None:
             grad_bias += dlogits.sum(0)
         # The matmuls run in the inputs' dtype (or autocast's), as autograd of the unfused formula would.
         if grad_hidden is not None:
-            grad_hidden[start:end] = dlogits.to(weight.dtype) @ weight
+            if dlogits.dtype == weight.dtype == grad_hidden.dtype:
+                torch.mm(dlogits, weight, out=grad_hidden[start:end])
+            else:
+                grad_hidden[start:end] = dlogits.to(weight.dtype) @ weight
         if grad_weight is not None:
-            grad_weight += dlogits.T.to(h.dtype) @ h
+            if dlogits.dtype == h.dtype == grad_weight.dtype:
+                grad_weight.addmm_(dlogits.T, h)
+            else:
+                grad_weight += dlogits.T.to(h.dtype) @ h
     return losses, (grad_hidden, grad_weight, grad_bias)
 
 
