@@ -196,7 +196,7 @@ def test_a_token_loader(benchmark, report, token_shard: TokenShard):
     batch = _warm_token_loader(it, token_shard)
     _check_token_loader_batch(batch, token_shard)
     measure_throughput(
-        benchmark, report, "a_token_loader", "(a) TokenLoader (defaults: 2 threads, prefetch 4)", lambda: next(it), num_threads=2, prefetch=4
+        benchmark, report, "a_token_loader", "(a) TokenLoader (defaults: 2 threads, prefetch 8)", lambda: next(it), num_threads=2, prefetch=8
     )
     loader.close()
     del it, loader, batch

@@ -95,7 +95,7 @@ class TokenLoader:
         position_ids: bool = False,
         cu_seqlens: bool = False,
         num_threads: int = 2,
-        prefetch: int = 4,
+        prefetch: int = 8,
         pin_memory: bool | None = None,
         max_open_shards: int = 4096,
         llmc_delimiter: int | None = None,
