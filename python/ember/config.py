@@ -131,7 +131,7 @@ class DataSection:
     seq_len: int = 2048
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer (for samples and prepare)
     num_threads: int = 2
-    prefetch: int = 4
+    prefetch: int = 8
     cache_dir: str = "data"  # where built-in corpora are tokenized to
     prepare: PrepareSection = field(default_factory=PrepareSection)
 
