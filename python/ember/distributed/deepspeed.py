@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ember.distributed.base import EXTRA_FILE, Strategy
+from ember.distributed.base import EXTRA_FILE
+from ember.distributed.torch_dist import TorchDistributedStrategy
 from ember.distributed.process_group import env_world
 
 DS_TAG = "deepspeed"
@@ -89,7 +90,7 @@ def build_deepspeed_config(config, world_size: int) -> dict[str, Any]:
     return merged
 
 
-class DeepSpeedStrategy(Strategy):
+class DeepSpeedStrategy(TorchDistributedStrategy):
     name = "deepspeed"
     owns_precision = True
 
@@ -109,10 +110,6 @@ class DeepSpeedStrategy(Strategy):
         self.deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
         self.rank, self.world_size, self.local_rank = dist.get_rank(), dist.get_world_size(), local
         self.ds_config = build_deepspeed_config(self.config, self.world_size)
-
-    def teardown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
     def prepare(
         self,
@@ -154,20 +151,6 @@ class DeepSpeedStrategy(Strategy):
 
     def optimizer_step(self) -> None:
         """Done inside ``backward`` at the accumulation boundary."""
-
-    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.detach().clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value / self.world_size
-
-    def broadcast_flag(self, flag: bool) -> bool:
-        t = torch.tensor([1 if flag else 0], device=self.device)
-        dist.broadcast(t, src=0)
-        return bool(t.item())
-
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
 
     def save_checkpoint(self, directory: Path, extra: dict[str, Any]) -> None:
         self.engine.save_checkpoint(str(directory), tag=DS_TAG)
