@@ -1,8 +1,8 @@
 """``ember prepare`` against the tokenizer's own ceiling and the usual ``datasets`` pipeline.
 
-Run (see benchmarks/README.md)::
+Run (figures and what limits them: docs/prepare.md, "Performance")::
 
-    pytest benchmarks/test_prepare.py --benchmark-json=/tmp/prepare_bench.json   # full size, a few minutes
+    pytest benchmarks/test_prepare.py --benchmark-json=/tmp/prepare_bench.json   # full size, ~5 minutes idle
     EMBER_BENCH_SMALL=1 pytest benchmarks/test_prepare.py --benchmark-disable    # smoke, < 60 s
 
 One corpus, one tokenizer, three ways to turn it into token ids:
@@ -52,11 +52,11 @@ class Sizes:
     datasets_rounds: int
 
 
-SIZES = Sizes(corpus_bytes=2 << 20, train_bytes=1 << 20, rounds=1, datasets_rounds=1) if SMALL else Sizes(
-    corpus_bytes=60 << 20, train_bytes=8 << 20, rounds=3, datasets_rounds=2
-)
+FULL = Sizes(corpus_bytes=60 << 20, train_bytes=8 << 20, rounds=3, datasets_rounds=2)
+SMOKE = Sizes(corpus_bytes=2 << 20, train_bytes=1 << 20, rounds=1, datasets_rounds=1)
+SIZES = SMOKE if SMALL else FULL
 VOCAB = 32_000
-NUM_PROC = 2  # datasets' map, as the issue's common pipeline runs it
+NUM_PROC = 2  # datasets' map: one process per core of the 2-core machine the figures come from
 TARGET_CEILING_RATIO = 0.9
 TARGET_DATASETS_SPEEDUP = 2.0
 
@@ -230,22 +230,24 @@ def write_summary(tr) -> None:
         f"{some['documents']:,} documents, {some['text_bytes'] / 1e6:,.1f} MB of text (the stdlib repeated), "
         f"byte-level BPE vocab {VOCAB:,}, {os.cpu_count()} cores; MB/s = text bytes / wall time (median round)"
     )
-    header = ("method", "MB/s", "s", "own CPU", "other CPU", "vs (a)", "vs (a')", "rounds")
+    header = ("method", "MB/s", "s", "own CPU", "CPU s/MB", "other CPU", "vs (a)", "vs (a')", "rounds")
     tr.write_line(
-        f"{header[0]:<56} {header[1]:>7} {header[2]:>7} {header[3]:>8} {header[4]:>10} {header[5]:>7} {header[6]:>8} {header[7]:>7}"
+        f"{header[0]:<56} {header[1]:>7} {header[2]:>7} {header[3]:>8} {header[4]:>9} {header[5]:>10} {header[6]:>7} "
+        f"{header[7]:>8} {header[8]:>7}"
     )
     for key in sorted(RESULTS):
         info = RESULTS[key]
         ratios = [
             f"{info['mb_per_s'] / RESULTS[c]['mb_per_s']:.2f}" if c in RESULTS else "-" for c in ("a_ceiling", "a_ceiling_fast")
         ]
+        cpu_per_mb = info["own_cpu_cores"] * info["seconds"] / (info["text_bytes"] / 1e6)
         tr.write_line(
             f"{info['label']:<56} {info['mb_per_s']:>7.2f} {info['seconds']:>7.2f} {info['own_cpu_cores']:>8.2f} "
-            f"{info['other_cpu_cores']:>10.2f} {ratios[0]:>7} {ratios[1]:>8} {info['rounds']:>7}"
+            f"{cpu_per_mb:>9.3f} {info['other_cpu_cores']:>10.2f} {ratios[0]:>7} {ratios[1]:>8} {info['rounds']:>7}"
         )
     tr.write_line(
-        "  own CPU = cores used by the method (its process and child processes); other CPU = cores used by everything "
-        "else meanwhile"
+        "  own CPU = cores used by the method (its process and child processes); CPU s/MB = its CPU time per MB of text; "
+        "other CPU = cores used by everything else meanwhile"
     )
     noisy = [i["label"] for i in RESULTS.values() if i["other_cpu_cores"] > 0.2]
     if noisy:

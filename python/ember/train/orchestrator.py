@@ -181,7 +181,7 @@ class PretrainingOrchestrator:
         s.setup()
         try:
             summary = self._train()
-            if sample_prompt is not None and self.config.data.tokenizer == "byte":
+            if sample_prompt is not None and (self.config.data.prepare.tokenizer or self.config.data.tokenizer) == "byte":
                 summary["sample"] = self.sample(sample_prompt)
             return summary
         finally:
