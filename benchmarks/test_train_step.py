@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import torch
+from ember.model.hf import hf_name
 from ember.model import Llama, LlamaConfig
 from ember.model.config import flops_per_token, num_params
 from ember.train.optim import build_optimizer
@@ -103,26 +104,6 @@ def build_ember(cfg: LlamaConfig) -> tuple[Llama, torch.optim.Optimizer]:
     return model, build_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY)
 
 
-def to_hf_name(name: str) -> str:
-    """Ember (torchtitan) parameter name -> transformers LlamaForCausalLM name (as in tests/test_model.py)."""
-    if name in ("tok_embeddings.weight", "norm.weight"):
-        return "model." + name.replace("tok_embeddings", "embed_tokens")
-    if name == "output.weight":
-        return "lm_head.weight"
-    _, index, rest = name.split(".", 2)
-    return f"model.layers.{index}." + {
-        "attention.wq.weight": "self_attn.q_proj.weight",
-        "attention.wk.weight": "self_attn.k_proj.weight",
-        "attention.wv.weight": "self_attn.v_proj.weight",
-        "attention.wo.weight": "self_attn.o_proj.weight",
-        "feed_forward.w1.weight": "mlp.gate_proj.weight",
-        "feed_forward.w3.weight": "mlp.up_proj.weight",
-        "feed_forward.w2.weight": "mlp.down_proj.weight",
-        "attention_norm.weight": "input_layernorm.weight",
-        "ffn_norm.weight": "post_attention_layernorm.weight",
-    }[rest]
-
-
 def build_hf(cfg: LlamaConfig, ember: Llama) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """LlamaForCausalLM with the same sizes (SDPA attention, float32), Ember's weights copied in, and a
     plain torch.optim.AdamW with the same two parameter groups and hyperparameters as build_optimizer."""
@@ -146,7 +127,7 @@ def build_hf(cfg: LlamaConfig, ember: Llama) -> tuple[torch.nn.Module, torch.opt
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).to(torch.float32)
     assert hf.config._attn_implementation == "sdpa"
-    state = {to_hf_name(name): value.detach().clone() for name, value in ember.state_dict().items()}
+    state = {hf_name(name): value.detach().clone() for name, value in ember.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     assert (hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()) == cfg.tie_word_embeddings
