@@ -29,7 +29,7 @@ WHEEL=$(ls dist/*.whl)
 (cd / && "$PY" -c "import ember, ember._native, ember.data; print('ember', ember.__version__, 'from', ember.__file__)")
 (cd / && "$VENV/bin/ember" --help > /dev/null)
 
-cargo test --locked -p ember-data
+cargo test --locked -p ember-data -p ember-tok
 
 "$PY" -m pytest "$@"
 EMBER_BENCH_SMALL=1 "$PY" -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider

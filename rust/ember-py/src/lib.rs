@@ -1,6 +1,9 @@
 //! `ember._native`: the Python face of `ember-data`. It converts types,
 //! releases the GIL around work, and maps errors to exceptions; the logic lives
 //! in the core crate. This module is private: `ember.data` wraps it.
+//! `BpeEncoder` does the same for `ember-tok`.
+
+mod bpe;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -294,6 +297,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ShardWriter>()?;
     m.add_class::<Dataset>()?;
     m.add_class::<Loader>()?;
+    m.add_class::<bpe::BpeEncoder>()?;
+    m.add("SUPPORTED_PRETOKENIZER_PATTERNS", bpe::SUPPORTED_PATTERNS.to_vec())?;
     m.add("ShardFormatError", m.py().get_type::<ShardFormatError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

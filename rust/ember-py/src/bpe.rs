@@ -1,0 +1,101 @@
+//! `BpeEncoder`: `ember-tok`'s byte-level BPE for `ember prepare`.
+
+use ember_tok::{Bpe, Encoder, PreTokenizer};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+/// The pre-tokenizer regexes `BpeEncoder` reproduces, by name.
+pub const SUPPORTED_PATTERNS: [(&str, &str); 3] = [
+    ("gpt2", ember_tok::pretok::GPT2),
+    ("llama3", ember_tok::pretok::LLAMA3),
+    ("cl100k_single_digits", ember_tok::pretok::CL100K_SINGLE_DIGITS),
+];
+
+fn unsupported(e: ember_tok::Error) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// Little-endian bytes of `values`, as a Python `bytes`.
+fn le_bytes<'py, T: Copy, const N: usize>(py: Python<'py>, values: &[T], to_le: fn(T) -> [u8; N]) -> PyResult<Bound<'py, PyBytes>> {
+    PyBytes::new_with(py, values.len() * N, |buf| {
+        for (chunk, v) in buf.chunks_exact_mut(N).zip(values) {
+            chunk.copy_from_slice(&to_le(*v));
+        }
+        Ok(())
+    })
+}
+
+#[pyclass(module = "ember._native", frozen)]
+pub struct BpeEncoder {
+    inner: Encoder,
+}
+
+#[pymethods]
+impl BpeEncoder {
+    /// `vocab`: (token bytes, id) pairs; `merges`: (left bytes, right bytes) in rank
+    /// order; `pattern`: the pre-tokenizer regex; `added`: every added token's text.
+    #[new]
+    #[pyo3(signature = (vocab, merges, pattern, *, ignore_merges=false, added=Vec::new()))]
+    fn new(
+        py: Python<'_>,
+        vocab: Vec<(Bound<'_, PyBytes>, u32)>,
+        merges: Vec<(Bound<'_, PyBytes>, Bound<'_, PyBytes>)>,
+        pattern: &str,
+        ignore_merges: bool,
+        added: Vec<String>,
+    ) -> PyResult<Self> {
+        // Copied out of the `bytes` objects at once: extracting `Vec<u8>` goes element by element.
+        let vocab: Vec<(Vec<u8>, u32)> = vocab.iter().map(|(t, i)| (t.as_bytes().to_vec(), *i)).collect();
+        let merges: Vec<(Vec<u8>, Vec<u8>)> = merges.iter().map(|(a, b)| (a.as_bytes().to_vec(), b.as_bytes().to_vec())).collect();
+        let pattern = pattern.to_owned();
+        let inner = py
+            .detach(move || -> Result<Encoder, ember_tok::Error> {
+                let pretok = PreTokenizer::new(&pattern)?;
+                let bpe = Bpe::new(&vocab, &merges, ignore_merges)?;
+                Encoder::new(pretok, bpe, &added)
+            })
+            .map_err(unsupported)?;
+        Ok(Self { inner })
+    }
+
+    /// Returns (ids as little-endian uint32 bytes, lengths as little-endian uint64
+    /// bytes, indices of the documents left undone because they hold an added token).
+    /// Runs without the GIL.
+    #[pyo3(signature = (texts, prefix=Vec::new(), suffix=Vec::new()))]
+    fn encode_batch<'py>(
+        &self,
+        py: Python<'py>,
+        texts: Vec<String>,
+        prefix: Vec<u32>,
+        suffix: Vec<u32>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Vec<usize>)> {
+        let batch = py.detach(|| self.inner.encode_batch(&texts, &prefix, &suffix));
+        Ok((
+            le_bytes(py, &batch.ids, u32::to_le_bytes)?,
+            le_bytes(py, &batch.lengths, u64::to_le_bytes)?,
+            batch.deferred,
+        ))
+    }
+
+    /// The ids of one text, without special tokens (added tokens' text included as plain text).
+    fn encode(&self, py: Python<'_>, text: String) -> Vec<u32> {
+        let mut out = vec![];
+        py.detach(|| self.inner.encode_into(&text, &mut out));
+        out
+    }
+
+    /// The pre-tokens of `text` as (start, end) character offsets.
+    fn pre_tokenize(&self, text: &str) -> Vec<(usize, usize)> {
+        let spans = self.inner.pre_tokenize(text);
+        // Byte offsets to character offsets.
+        let mut chars_before = vec![0usize; text.len() + 1];
+        let mut count = 0;
+        for (i, _) in text.char_indices() {
+            chars_before[i] = count;
+            count += 1;
+        }
+        chars_before[text.len()] = count;
+        spans.into_iter().map(|(s, e)| (chars_before[s], chars_before[e])).collect()
+    }
+}
