@@ -291,6 +291,20 @@ def test_output_is_byte_identical_whatever_the_worker_count(tmp_path, texts, bpe
     assert tree(tmp_path / "w3") == one
 
 
+def test_native_bpe_and_the_library_write_the_same_shards(tmp_path, texts, bpe_dir):
+    write_txt_files(tmp_path / "corpus", texts)
+    outs = {}
+    for native in (True, False):
+        outs[native] = tmp_path / f"native-{native}"
+        prepare(tmp_path / "corpus", outs[native], tokenizer=bpe_dir, shard_tokens=4000, native_bpe=native)
+    manifests = {n: json.loads((o / "manifest.json").read_text()) for n, o in outs.items()}
+    assert manifests[True]["encoded_by"]["engine"] == "native"
+    assert manifests[False]["encoded_by"] == {"engine": "tokenizers", "note": "native=False"}
+    same = {n: {k: v for k, v in tree(o).items() if k != "manifest.json"} for n, o in outs.items()}
+    assert len(same[True]) > 3 and same[True] == same[False]
+    assert {k: v for k, v in manifests[True].items() if k != "encoded_by"} == {k: v for k, v in manifests[False].items() if k != "encoded_by"}
+
+
 def test_tokenizer_calls_run_on_the_worker_threads_in_parallel(tmp_path, texts, bpe_dir, monkeypatch):
     """Worker threads, not the library's pool, carry the parallelism: each call is single-threaded."""
     monkeypatch.setattr(prep, "BATCH_BYTES", 20_000)

@@ -67,13 +67,15 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         if bad:
             raise ValueError(f"expected overrides of the form data.prepare.key=value after the config, got {' '.join(bad)!r}")
         config = load_config(sources[0], sources[1:])
-        manifest = prepare_from_config(config.data, workers=args.workers, overwrite=args.overwrite, progress=progress)
+        manifest = prepare_from_config(config.data, workers=args.workers, overwrite=args.overwrite, progress=progress,
+                                       native_bpe=not args.library_tokenizer)
         output = config.data.prepare.output
     else:
         if args.output is None:
             raise ValueError("--output DIR is required (or give a YAML config with a data.prepare section)")
         options = {k: getattr(args, k) for k in _PREPARE_OPTIONS if getattr(args, k) is not None}
-        manifest = prepare(sources, workers=args.workers, overwrite=args.overwrite, progress=progress, **options)
+        manifest = prepare(sources, workers=args.workers, overwrite=args.overwrite, progress=progress,
+                           native_bpe=not args.library_tokenizer, **options)
         output = args.output
     print(_prepare_summary(manifest, output, time.perf_counter() - t0))
     return 0
@@ -85,6 +87,11 @@ def _prepare_summary(m: dict, output: str, seconds: float) -> str:
         f"prepared {t['documents']:,} documents ({t['text_bytes'] / 1e6:,.1f} MB of text from {t['files']:,} files) "
         f"into {output}: {t['tokens']:,} tokens, {m['dtype']}, tokenizer {m['tokenizer']['name']} (vocabulary {m['tokenizer']['vocab_size']:,})"
     ]
+    by = m.get("encoded_by") or {}
+    if by.get("engine") == "native":
+        lines.append("  encoded by Ember's native byte-level BPE (the tokenizers library's ids)")
+    elif by.get("engine") == "tokenizers":
+        lines.append(f"  encoded by the tokenizers library ({by.get('note') or 'as asked'})")
     for name, split in m["splits"].items():
         if split["documents"]:
             lines.append(
@@ -224,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--skip-bad", action="store_true", default=None, help="skip and count malformed records instead of stopping at the first")
     r.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: one per core); the output does not depend on it")
     r.add_argument("--overwrite", action="store_true", help="replace a finished output, or discard an interrupted one")
+    r.add_argument("--library-tokenizer", action="store_true",
+                   help="encode with the tokenizers library even where Ember's native byte-level BPE applies (same ids, slower)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_prepare)
 

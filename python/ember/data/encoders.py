@@ -33,6 +33,8 @@ BYTE_DESCRIPTION = "ember byte tokenizer v1: id = UTF-8 byte (0-255); BOS 256, E
 class DocumentEncoder:
     """Encodes batches of documents. ``encode_batch`` may run on several threads at once."""
 
+    engine = "ember"  # what computes the ids
+    engine_note = ""  # why, when it is not the fastest one
     kind: str
     name: str
     fingerprint: str
@@ -140,6 +142,81 @@ def _resolve_hf_path(spec: str) -> tuple[Path, Path | None]:
     raise PrepareError(f"tokenizer {spec!r}: no such file or directory (use 'byte', a tokenizer.json file, or a directory holding one)")
 
 
+def _byte_level_table() -> dict[int, str]:
+    """A ``str.translate`` table from the characters byte-level BPE vocabularies spell
+    bytes with (GPT-2's mapping: printable Latin-1 bytes stand for themselves, the other
+    68 bytes for the characters from U+0100 on, in byte order) to the Latin-1 character
+    of the byte; other characters up to U+00FF go to U+FFFF, which Latin-1 cannot encode."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {c: "\uffff" for c in range(256)}
+    table.update({b: chr(b) for b in printable})
+    others = [b for b in range(256) if b not in set(printable)]
+    table.update({256 + i: chr(b) for i, b in enumerate(others)})
+    return table
+
+
+def _native_plan(spec: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """Whether Ember's native byte-level BPE reproduces this tokenizer (its serialized
+    JSON): the arguments of ``ember._native.BpeEncoder`` and "", or None and why not."""
+    from ember._native import SUPPORTED_PRETOKENIZER_PATTERNS
+
+    if spec.get("normalizer") is not None:
+        return None, "it has a normalizer"
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return None, f"its model is {model.get('type')!r}, not BPE"
+    if model.get("dropout") not in (None, 0, 0.0):
+        return None, "it uses BPE dropout"
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return None, "it uses subword prefixes or suffixes"
+    pre = spec.get("pre_tokenizer") or {}
+    byte_level = None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        byte_level, pattern = pre, dict(SUPPORTED_PRETOKENIZER_PATTERNS)["gpt2"]
+    elif pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
+        split, byte_level = pre["pretokenizers"]
+        regex = (split.get("pattern") or {}).get("Regex")
+        if (split.get("type"), split.get("behavior"), split.get("invert")) != ("Split", "Isolated", False) or regex is None:
+            return None, "its pre-tokenizer is not a regex Split followed by ByteLevel"
+        if byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex", True):
+            return None, "its pre-tokenizer is not a regex Split followed by ByteLevel"
+        pattern = regex
+    else:
+        return None, f"its pre-tokenizer ({pre.get('type')!r}) is not byte-level"
+    if byte_level.get("add_prefix_space"):
+        return None, "its ByteLevel pre-tokenizer adds a prefix space"
+    if pattern not in dict(SUPPORTED_PRETOKENIZER_PATTERNS).values():
+        return None, "its pre-tokenizer regex is not one of the GPT-2 or cl100k (Llama 3) patterns"
+    table = _byte_level_table()
+
+    def to_bytes(token: str) -> bytes | None:
+        try:
+            return token.translate(table).encode("latin-1")
+        except UnicodeEncodeError:  # a character outside the byte alphabet
+            return None
+
+    vocab = []
+    for token, tid in model.get("vocab", {}).items():
+        b = to_bytes(token)
+        if b is not None:
+            vocab.append((b, tid))  # tokens outside the byte alphabet can never come out of a merge
+    merges = []
+    for m in model.get("merges", []):
+        pair = m.split(" ", 1) if isinstance(m, str) else m
+        left, right = (to_bytes(x) for x in pair)
+        if left is None or right is None:
+            return None, f"merge {m!r} is not byte-level"
+        merges.append((left, right))
+    added = [t["content"] for t in spec.get("added_tokens", [])]
+    return {
+        "vocab": vocab,
+        "merges": merges,
+        "pattern": pattern,
+        "ignore_merges": bool(model.get("ignore_merges", False)),
+        "added": added,
+    }, ""
+
+
 class HFEncoder(DocumentEncoder):
     """A Hugging Face ``tokenizers`` tokenizer loaded from a local ``tokenizer.json``.
 
@@ -147,11 +224,17 @@ class HFEncoder(DocumentEncoder):
     is never cut. ``encode_batch`` releases the GIL; it runs single-threaded per call
     while :func:`single_threaded` is in force, so that ``ember prepare``'s worker
     threads, not the library's thread pool, spread the work over the cores.
+
+    Byte-level BPE tokenizers of the GPT-2 and Llama 3 families are encoded by Ember's
+    own Rust encoder (``engine == "native"``), which gives the library's ids several
+    times faster; documents containing an added token's text, and every other kind
+    of tokenizer, go through the library (``engine == "tokenizers"``).
+    ``native=False`` always uses the library.
     """
 
     kind = "huggingface"
 
-    def __init__(self, spec: str, *, bos: bool | None = None, eos: bool | None = None):
+    def __init__(self, spec: str, *, bos: bool | None = None, eos: bool | None = None, native: bool = True):
         from tokenizers import Tokenizer
 
         file, config_file = _resolve_hf_path(spec)
@@ -165,7 +248,8 @@ class HFEncoder(DocumentEncoder):
         self._encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: faster, same ids
         self.name = (file.parent.name if file.name == "tokenizer.json" else file.stem) or os.fspath(file)
         self.path = os.fspath(file)
-        self.fingerprint = "sha256:" + hashlib.sha256(tok.to_str().encode()).hexdigest()
+        serialized = tok.to_str()
+        self.fingerprint = "sha256:" + hashlib.sha256(serialized.encode()).hexdigest()
         vocab = tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(tok.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
 
@@ -180,6 +264,16 @@ class HFEncoder(DocumentEncoder):
         self.eos_id = self._special_id(named.get("eos_token"), auto_suffix, spec, "eos_token")
         self.prefix = _specials(auto_prefix, self.bos_id, bos, "BOS", spec)
         self.suffix = _specials(auto_suffix, self.eos_id, eos, "EOS", spec)
+
+        self._native = None
+        self.engine, self.engine_note = "tokenizers", "native=False"
+        if native:
+            plan, self.engine_note = _native_plan(json.loads(serialized))
+            if plan is not None:
+                from ember._native import BpeEncoder
+
+                self._native = BpeEncoder(**plan)
+                self.engine = "native"
 
     def _special_id(self, configured: Any, added: list[int], spec: str, key: str) -> int | None:
         content = _token_content(configured)
@@ -204,6 +298,21 @@ class HFEncoder(DocumentEncoder):
         )
 
     def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self._native is None:
+            return self._library_batch(texts)
+        ids, lengths, deferred = self._native.encode_batch(texts, self.prefix, self.suffix)
+        tokens = np.frombuffer(ids, "<u4").astype(np.int64)
+        lengths = np.frombuffer(lengths, "<u8").astype(np.int64)
+        if not deferred:
+            return tokens, lengths
+        # Documents holding an added token's text: the library's own encoding.
+        parts = np.split(tokens, np.cumsum(lengths)[:-1])
+        d_tokens, d_lengths = self._library_batch([texts[i] for i in deferred])
+        for i, part, n in zip(deferred, np.split(d_tokens, np.cumsum(d_lengths)[:-1]), d_lengths):
+            parts[i], lengths[i] = part, n
+        return np.concatenate(parts), lengths
+
+    def _library_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         encodings = self._encode(texts, add_special_tokens=False)
         if self.prefix or self.suffix:
             ids = [self.prefix + e.ids + self.suffix for e in encodings]
@@ -217,12 +326,13 @@ class HFEncoder(DocumentEncoder):
         return {**super().describe(), "path": self.path}
 
 
-def load_encoder(spec: str | os.PathLike, *, bos: bool | None = None, eos: bool | None = None) -> DocumentEncoder:
-    """``"byte"`` for Ember's byte tokenizer, else a ``tokenizer.json`` file or a directory with one."""
+def load_encoder(spec: str | os.PathLike, *, bos: bool | None = None, eos: bool | None = None, native: bool = True) -> DocumentEncoder:
+    """``"byte"`` for Ember's byte tokenizer, else a ``tokenizer.json`` file or a directory
+    with one (``native``: see :class:`HFEncoder`)."""
     spec = os.fspath(spec)
     if spec == BYTE:
         return ByteEncoder(bos=bos, eos=eos)
-    return HFEncoder(spec, bos=bos, eos=eos)
+    return HFEncoder(spec, bos=bos, eos=eos, native=native)
 
 
 class single_threaded:
