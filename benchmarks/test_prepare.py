@@ -10,6 +10,9 @@ One corpus, one tokenizer, three ways to turn it into token ids:
 (a) ceiling: ``Tokenizer.encode_batch(texts)`` over the texts already in memory, on
     the library's own thread pool (every core). (a') the same with
     ``encode_batch_fast`` (no character offsets), which is what ``ember prepare`` calls.
+(a'') Ember's native byte-level BPE (``ember._native.BpeEncoder``, what ``ember
+    prepare`` uses for this tokenizer) over the texts in memory, one thread per core:
+    the ceiling of ``ember prepare``'s own pipeline.
 (b) ``ember.data.prepare``: read the JSONL file, tokenize, write shards + manifest.
 (c) Hugging Face ``datasets``: ``load_dataset("json")``, ``map(batched=True,
     num_proc=2)`` with the tokenizer behind ``transformers``' fast-tokenizer class,
@@ -137,6 +140,7 @@ RESULTS: dict[str, dict] = {}
 LABELS = {
     "a_ceiling": "(a) ceiling: Tokenizer.encode_batch, in memory",
     "a_ceiling_fast": "(a') ceiling: Tokenizer.encode_batch_fast, in memory",
+    "a_native": "(a'') Ember native BPE, in memory, 1 thread/core",
     "b_ember": "(b) ember prepare (JSONL -> shards)",
     "c_datasets": f"(c) datasets load_dataset+map(num_proc={NUM_PROC})+np",
 }
@@ -230,20 +234,20 @@ def write_summary(tr) -> None:
         f"{some['documents']:,} documents, {some['text_bytes'] / 1e6:,.1f} MB of text (the stdlib repeated), "
         f"byte-level BPE vocab {VOCAB:,}, {os.cpu_count()} cores; MB/s = text bytes / wall time (median round)"
     )
-    header = ("method", "MB/s", "s", "own CPU", "CPU s/MB", "other CPU", "vs (a)", "vs (a')", "rounds")
+    header = ("method", "MB/s", "s", "own CPU", "CPU s/MB", "other CPU", "vs (a)", "vs (a')", "vs (a'')", "rounds")
     tr.write_line(
         f"{header[0]:<56} {header[1]:>7} {header[2]:>7} {header[3]:>8} {header[4]:>9} {header[5]:>10} {header[6]:>7} "
-        f"{header[7]:>8} {header[8]:>7}"
+        f"{header[7]:>8} {header[8]:>8} {header[9]:>7}"
     )
     for key in sorted(RESULTS):
         info = RESULTS[key]
         ratios = [
-            f"{info['mb_per_s'] / RESULTS[c]['mb_per_s']:.2f}" if c in RESULTS else "-" for c in ("a_ceiling", "a_ceiling_fast")
+            f"{info['mb_per_s'] / RESULTS[c]['mb_per_s']:.2f}" if c in RESULTS else "-" for c in ("a_ceiling", "a_ceiling_fast", "a_native")
         ]
         cpu_per_mb = info["own_cpu_cores"] * info["seconds"] / (info["text_bytes"] / 1e6)
         tr.write_line(
             f"{info['label']:<56} {info['mb_per_s']:>7.2f} {info['seconds']:>7.2f} {info['own_cpu_cores']:>8.2f} "
-            f"{cpu_per_mb:>9.3f} {info['other_cpu_cores']:>10.2f} {ratios[0]:>7} {ratios[1]:>8} {info['rounds']:>7}"
+            f"{cpu_per_mb:>9.3f} {info['other_cpu_cores']:>10.2f} {ratios[0]:>7} {ratios[1]:>8} {ratios[2]:>8} {info['rounds']:>7}"
         )
     tr.write_line(
         "  own CPU = cores used by the method (its process and child processes); CPU s/MB = its CPU time per MB of text; "
@@ -260,6 +264,9 @@ def write_summary(tr) -> None:
             f"ember >= {TARGET_DATASETS_SPEEDUP:.0f}x (c): {r_c:.2f}x {'met' if r_c >= TARGET_DATASETS_SPEEDUP else 'MISSED'}"
             + ("  (smoke sizes: not meaningful)" if SMALL else "")
         )
+    if {"b_ember", "a_native"} <= set(RESULTS):
+        r = RESULTS["b_ember"]["mb_per_s"] / RESULTS["a_native"]["mb_per_s"]
+        tr.write_line(f"ember prepare runs at {r:.0%} of its own encoder over the same texts in memory (a'')")
     tr.write_line(f"tokens: {', '.join(sorted(RESULTS))} gave the same token stream as the tokenizer (asserted)")
 
 
@@ -288,6 +295,41 @@ def test_ceiling_tokenizer_in_memory(benchmark, corpus, tokenizer_dir, reference
     assert np.array_equal(np.fromiter(map(len, ids), np.int64, len(ids)), lengths)
     assert np.array_equal(np.fromiter(chain.from_iterable(ids), np.int64, len(flat)), flat)
     record(benchmark, "a_ceiling" if method == "encode_batch" else "a_ceiling_fast", rounds, corpus)
+
+
+def test_native_encoder_in_memory(benchmark, corpus, tokenizer_dir, reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ember.data.encoders import HFEncoder
+
+    encoder = HFEncoder(str(tokenizer_dir))
+    assert encoder.engine == "native", encoder.engine_note
+    workers = os.cpu_count() or 1
+    chunks = [corpus.texts[i::workers] for i in range(workers)]  # as even as the documents allow
+    rounds, out = Rounds(), {}
+
+    def encode_all():
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(encoder.encode_batch, chunks))
+
+    def one_round():
+        out["parts"] = rounds.time(encode_all)
+
+    def setup():
+        out.clear()
+        wait_for_quiet_machine()
+
+    benchmark.pedantic(one_round, setup=setup, rounds=SIZES.rounds, iterations=1)
+    flat, lengths = reference
+    got_lengths = np.empty(len(corpus.texts), np.int64)
+    pieces: list = [None] * len(corpus.texts)
+    for i, (tokens, lens) in enumerate(out["parts"]):
+        got_lengths[i::workers] = lens
+        for j, piece in zip(range(i, len(corpus.texts), workers), np.split(tokens, np.cumsum(lens)[:-1])):
+            pieces[j] = piece
+    assert np.array_equal(got_lengths, lengths)
+    assert np.array_equal(np.concatenate(pieces), flat)
+    record(benchmark, "a_native", rounds, corpus, workers=workers)
 
 
 # -- (b) ember prepare ------------------------------------------------------------------------
