@@ -610,3 +610,26 @@ def test_config_data_prepare_for_prepare_and_train(tmp_path, texts, ember):
     fresh = load_config(cfg, [f"data.prepare.output={tmp_path / 'fresh'}", "data.prepare.validation_fraction=0"])
     train, val = prep.prepared_data_paths(fresh.data)
     assert val is None and len(open_dataset(train)) == 10
+
+
+def test_train_with_data_prepare_and_the_builtin_validation_corpus(tmp_path, texts):
+    """data.prepare gives the training shards; data.validation may still name builtin:stdlib."""
+    from ember.config import config_from_dict
+    from ember.train import PretrainingOrchestrator
+
+    write_txt_files(tmp_path / "corpus", texts[:10])
+    config = config_from_dict(
+        {
+            "model": {"preset": "tiny"},
+            "data": {
+                "seq_len": 32,
+                "cache_dir": str(tmp_path / "cache"),
+                "validation": "builtin:stdlib",
+                "prepare": {"inputs": [str(tmp_path / "corpus")], "output": str(tmp_path / "tokens")},
+            },
+            "logging": {"run_dir": str(tmp_path / "runs"), "progress_bar": False},
+        }
+    )
+    train, val = PretrainingOrchestrator(config)._data_paths()
+    assert train == str(tmp_path / "tokens" / "train")
+    assert Path(val).is_dir() and Path(val).is_relative_to(tmp_path / "cache") and len(open_dataset(val)) > 0

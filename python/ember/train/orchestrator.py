@@ -84,8 +84,9 @@ class PretrainingOrchestrator:
             from ember.data.prepare import prepared_data_paths
 
             with self.strategy.main_first():
-                return prepared_data_paths(d, progress=self.config.logging.progress_bar and self.strategy.is_main)
-        train, val = d.train, d.validation
+                train, val = prepared_data_paths(d, progress=self.config.logging.progress_bar and self.strategy.is_main)
+        else:
+            train, val = d.train, d.validation
         if train == STDLIB or val == STDLIB:
             with self.strategy.main_first():
                 std_train, std_val = stdlib_shards(d.cache_dir)
