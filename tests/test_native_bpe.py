@@ -161,6 +161,15 @@ def test_other_tokenizers_use_the_library(tmp_path, change, reason):
     assert_same_ids(encoder, tmp_path, texts)
 
 
+def test_a_tokenizer_the_tables_cannot_hold_uses_the_library(tmp_path):
+    spec = json.loads(train("gpt2", vocab_size=400).to_str())
+    spec["model"]["merges"].append(spec["model"]["merges"][0])  # the library still loads it
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    encoder = HFEncoder(str(tmp_path))
+    assert encoder.engine == "tokenizers" and "repeats an earlier pair" in encoder.engine_note
+    assert_same_ids(encoder, tmp_path, ["some text, naïve", "x = 1\n"])
+
+
 def test_native_can_be_turned_off(tokenizer_dir):
     encoder = HFEncoder(str(tokenizer_dir), native=False)
     assert encoder.engine == "tokenizers"

@@ -272,8 +272,11 @@ class HFEncoder(DocumentEncoder):
             if plan is not None:
                 from ember._native import BpeEncoder
 
-                self._native = BpeEncoder(**plan)
-                self.engine = "native"
+                try:
+                    self._native = BpeEncoder(**plan)
+                    self.engine = "native"
+                except ValueError as e:  # what the tables cannot express, e.g. a merge listed twice
+                    self.engine_note = str(e)
 
     def _special_id(self, configured: Any, added: list[int], spec: str, key: str) -> int | None:
         content = _token_content(configured)
