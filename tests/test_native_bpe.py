@@ -185,3 +185,16 @@ def test_native_can_be_turned_off(tokenizer_dir):
     encoder = HFEncoder(str(tokenizer_dir), native=False)
     assert encoder.engine == "tokenizers"
     assert_same_ids(encoder, tokenizer_dir, ["def f(x):\n    return x  # done\n"])
+
+
+def test_merges_as_strings_or_pairs_build_the_same_encoder():
+    """tokenizer.json has held merges as "a b" strings (older files) and as [a, b] pairs."""
+    spec = json.loads(train("gpt2", vocab_size=400).to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in merges]
+    as_pairs = BpeEncoder.from_byte_level(vocab, pairs, PATTERNS["gpt2"])
+    as_strings = BpeEncoder.from_byte_level(vocab, [" ".join(p) for p in pairs], PATTERNS["gpt2"])
+    text = "".join(corpus()[:5])
+    assert as_pairs.encode(text) == as_strings.encode(text) and len(as_pairs.encode(text)) < 0.8 * len(text.encode())
+    with pytest.raises(ValueError, match="merge 0"):
+        BpeEncoder.from_byte_level(vocab, [["a b", "c"], *pairs], PATTERNS["gpt2"])

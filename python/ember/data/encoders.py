@@ -142,22 +142,11 @@ def _resolve_hf_path(spec: str) -> tuple[Path, Path | None]:
     raise PrepareError(f"tokenizer {spec!r}: no such file or directory (use 'byte', a tokenizer.json file, or a directory holding one)")
 
 
-def _byte_level_table() -> dict[int, str]:
-    """A ``str.translate`` table from the characters byte-level BPE vocabularies spell
-    bytes with (GPT-2's mapping: printable Latin-1 bytes stand for themselves, the other
-    68 bytes for the characters from U+0100 on, in byte order) to the Latin-1 character
-    of the byte; other characters up to U+00FF go to U+FFFF, which Latin-1 cannot encode."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {c: "\uffff" for c in range(256)}
-    table.update({b: chr(b) for b in printable})
-    others = [b for b in range(256) if b not in set(printable)]
-    table.update({256 + i: chr(b) for i, b in enumerate(others)})
-    return table
-
-
 def _native_plan(spec: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
     """Whether Ember's native byte-level BPE reproduces this tokenizer (its serialized
-    JSON): the arguments of ``ember._native.BpeEncoder`` and "", or None and why not."""
+    JSON): the arguments of ``ember._native.BpeEncoder.from_byte_level`` and "", or
+    None and why not. (What the tables cannot hold, such as a vocabulary missing some
+    bytes, ``from_byte_level`` refuses.)"""
     from ember._native import SUPPORTED_PRETOKENIZER_PATTERNS
 
     if spec.get("normalizer") is not None:
@@ -187,30 +176,10 @@ def _native_plan(spec: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
         return None, "its ByteLevel pre-tokenizer adds a prefix space"
     if pattern not in dict(SUPPORTED_PRETOKENIZER_PATTERNS).values():
         return None, "its pre-tokenizer regex is not one of the GPT-2 or cl100k (Llama 3) patterns"
-    table = _byte_level_table()
-
-    def to_bytes(token: str) -> bytes | None:
-        try:
-            return token.translate(table).encode("latin-1")
-        except UnicodeEncodeError:  # a character outside the byte alphabet
-            return None
-
-    vocab = []
-    for token, tid in model.get("vocab", {}).items():
-        b = to_bytes(token)
-        if b is not None:
-            vocab.append((b, tid))  # tokens outside the byte alphabet can never come out of a merge
-    merges = []
-    for m in model.get("merges", []):
-        pair = m.split(" ", 1) if isinstance(m, str) else m
-        left, right = (to_bytes(x) for x in pair)
-        if left is None or right is None:
-            return None, f"merge {m!r} is not byte-level"
-        merges.append((left, right))
     added = [t["content"] for t in spec.get("added_tokens", [])]
     return {
-        "vocab": vocab,
-        "merges": merges,
+        "vocab": model.get("vocab", {}),
+        "merges": model.get("merges", []),
         "pattern": pattern,
         "ignore_merges": bool(model.get("ignore_merges", False)),
         "added": added,
@@ -273,7 +242,7 @@ class HFEncoder(DocumentEncoder):
                 from ember._native import BpeEncoder
 
                 try:
-                    self._native = BpeEncoder(**plan)
+                    self._native = BpeEncoder.from_byte_level(**plan)
                     self.engine = "native"
                 except ValueError as e:  # what the tables cannot express, e.g. a merge listed twice
                     self.engine_note = str(e)

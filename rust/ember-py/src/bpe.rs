@@ -1,9 +1,12 @@
 //! `BpeEncoder`: `ember-tok`'s byte-level BPE for `ember prepare`.
 
+use std::collections::HashMap;
+
+use ember_tok::bytelevel::Alphabet;
 use ember_tok::{Bpe, Encoder, PreTokenizer};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyString};
 
 /// The pre-tokenizer regexes `BpeEncoder` reproduces, by name.
 pub const SUPPORTED_PATTERNS: [(&str, &str); 3] = [
@@ -31,6 +34,27 @@ pub struct BpeEncoder {
     inner: Encoder,
 }
 
+impl BpeEncoder {
+    fn build(
+        py: Python<'_>,
+        vocab: Vec<(Vec<u8>, u32)>,
+        merges: Vec<(Vec<u8>, Vec<u8>)>,
+        pattern: &str,
+        ignore_merges: bool,
+        added: Vec<String>,
+    ) -> PyResult<Self> {
+        let pattern = pattern.to_owned();
+        let inner = py
+            .detach(move || -> Result<Encoder, ember_tok::Error> {
+                let pretok = PreTokenizer::new(&pattern)?;
+                let bpe = Bpe::new(&vocab, &merges, ignore_merges)?;
+                Encoder::new(pretok, bpe, &added)
+            })
+            .map_err(unsupported)?;
+        Ok(Self { inner })
+    }
+}
+
 #[pymethods]
 impl BpeEncoder {
     /// `vocab`: (token bytes, id) pairs; `merges`: (left bytes, right bytes) in rank
@@ -48,15 +72,58 @@ impl BpeEncoder {
         // Copied out of the `bytes` objects at once: extracting `Vec<u8>` goes element by element.
         let vocab: Vec<(Vec<u8>, u32)> = vocab.iter().map(|(t, i)| (t.as_bytes().to_vec(), *i)).collect();
         let merges: Vec<(Vec<u8>, Vec<u8>)> = merges.iter().map(|(a, b)| (a.as_bytes().to_vec(), b.as_bytes().to_vec())).collect();
-        let pattern = pattern.to_owned();
-        let inner = py
-            .detach(move || -> Result<Encoder, ember_tok::Error> {
-                let pretok = PreTokenizer::new(&pattern)?;
-                let bpe = Bpe::new(&vocab, &merges, ignore_merges)?;
-                Encoder::new(pretok, bpe, &added)
+        Self::build(py, vocab, merges, pattern, ignore_merges, added)
+    }
+
+    /// The same from a `tokenizer.json` BPE model as it stands: `vocab` maps tokens
+    /// spelled in the byte-level alphabet to ids; `merges` holds `"left right"`
+    /// strings or `[left, right]` pairs. Tokens outside the alphabet are left out of
+    /// the vocabulary (no merge can produce them); a merge of such tokens is refused.
+    #[staticmethod]
+    #[pyo3(signature = (vocab, merges, pattern, *, ignore_merges=false, added=Vec::new()))]
+    fn from_byte_level(
+        py: Python<'_>,
+        vocab: HashMap<String, u32>,
+        merges: Vec<Bound<'_, PyAny>>,
+        pattern: &str,
+        ignore_merges: bool,
+        added: Vec<String>,
+    ) -> PyResult<Self> {
+        let mut pairs: Vec<(String, String)> = Vec::with_capacity(merges.len());
+        for (rank, m) in merges.iter().enumerate() {
+            let pair = if let Ok(s) = m.cast::<PyString>() {
+                let s = s.to_str()?;
+                let (a, b) = s
+                    .split_once(' ')
+                    .ok_or_else(|| PyValueError::new_err(format!("unsupported tokenizer: merge {rank} ({s:?}) is not two tokens")))?;
+                (a.to_owned(), b.to_owned())
+            } else {
+                match m.extract::<Vec<String>>() {
+                    Ok(v) if v.len() == 2 => (v[0].clone(), v[1].clone()),
+                    _ => {
+                        return Err(PyValueError::new_err(format!(
+                            "unsupported tokenizer: merge {rank} is neither a string nor a pair"
+                        )))
+                    }
+                }
+            };
+            pairs.push(pair);
+        }
+        let (vocab, merges) = py
+            .detach(move || -> Result<_, String> {
+                let alphabet = Alphabet::default();
+                let vocab: Vec<(Vec<u8>, u32)> = vocab.iter().filter_map(|(t, i)| Some((alphabet.decode(t)?, *i))).collect();
+                let mut merges = Vec::with_capacity(pairs.len());
+                for (rank, (a, b)) in pairs.iter().enumerate() {
+                    match (alphabet.decode(a), alphabet.decode(b)) {
+                        (Some(a), Some(b)) => merges.push((a, b)),
+                        _ => return Err(format!("unsupported tokenizer: merge {rank} ({a:?} {b:?}) is not byte-level")),
+                    }
+                }
+                Ok((vocab, merges))
             })
-            .map_err(unsupported)?;
-        Ok(Self { inner })
+            .map_err(PyValueError::new_err)?;
+        Self::build(py, vocab, merges, pattern, ignore_merges, added)
     }
 
     /// Returns (ids as little-endian uint32 bytes, lengths as little-endian uint64

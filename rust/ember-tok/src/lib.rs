@@ -11,6 +11,7 @@
 //! the caller can hand them to the library.
 
 pub mod bpe;
+pub mod bytelevel;
 pub mod pretok;
 
 use std::sync::Mutex;
