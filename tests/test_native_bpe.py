@@ -89,7 +89,13 @@ def train(shape: str, vocab_size: int = 3000, ignore_merges: bool = False) -> To
     return tok
 
 
-SHAPES = {"gpt2": ("gpt2", False), "llama3": ("llama3", True), "llama3-merges": ("llama3", False), "digits": ("cl100k_single_digits", True)}
+SHAPES = {
+    "gpt2": ("gpt2", False),
+    "gpt2-whole": ("gpt2", True),
+    "llama3": ("llama3", True),
+    "llama3-merges": ("llama3", False),
+    "digits": ("cl100k_single_digits", True),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
@@ -138,8 +144,10 @@ def test_documents_with_added_token_text_take_the_library_path(tokenizer_dir):
     texts = ["plain text", "a <s> inside", "x</s>y and more", "", "tail <s>"]
     assert_same_ids(encoder, tokenizer_dir, texts)
     # The library matches "<s>" as the special token; as plain bytes it would be several ids.
+    before = encoder.library_documents
     tokens, lengths = encoder.encode_batch(["a <s> inside"])
     assert list(tokens).count(0) == 2 and lengths[0] == len(tokens)
+    assert encoder.library_documents == before + 1
 
 
 @pytest.mark.parametrize(
@@ -149,6 +157,7 @@ def test_documents_with_added_token_text_take_the_library_path(tokenizer_dir):
         (lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=True)), "prefix space"),
         (lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\w+|\W"), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])), "regex"),  # noqa: E501
         (lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Metaspace()), "pre-tokenizer"),
+        (lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)), "without a regex"),
     ],
 )
 def test_other_tokenizers_use_the_library(tmp_path, change, reason):

@@ -292,6 +292,7 @@ def test_output_is_byte_identical_whatever_the_worker_count(tmp_path, texts, bpe
 
 
 def test_native_bpe_and_the_library_write_the_same_shards(tmp_path, texts, bpe_dir):
+    texts = [*texts, "a document that spells out <s> and </s> as text", "and </s> again"]  # these go to the library
     write_txt_files(tmp_path / "corpus", texts)
     outs = {}
     for native in (True, False):
@@ -299,7 +300,8 @@ def test_native_bpe_and_the_library_write_the_same_shards(tmp_path, texts, bpe_d
         prepare(tmp_path / "corpus", outs[native], tokenizer=bpe_dir, shard_tokens=4000, native_bpe=native)
     manifests = {n: json.loads((o / "manifest.json").read_text()) for n, o in outs.items()}
     assert manifests[True]["encoded_by"]["engine"] == "native"
-    assert manifests[False]["encoded_by"] == {"engine": "tokenizers", "note": "native=False"}
+    assert manifests[False]["encoded_by"] == {"engine": "tokenizers", "note": "native BPE switched off (--library-tokenizer)"}
+    assert manifests[True]["encoded_by"]["library_documents"] == 2
     same = {n: {k: v for k, v in tree(o).items() if k != "manifest.json"} for n, o in outs.items()}
     assert len(same[True]) > 3 and same[True] == same[False]
     assert {k: v for k, v in manifests[True].items() if k != "encoded_by"} == {k: v for k, v in manifests[False].items() if k != "encoded_by"}

@@ -89,9 +89,13 @@ def _prepare_summary(m: dict, output: str, seconds: float) -> str:
     ]
     by = m.get("encoded_by") or {}
     if by.get("engine") == "native":
-        lines.append("  encoded by Ember's native byte-level BPE (the tokenizers library's ids)")
+        handed = by.get("library_documents") or 0
+        lines.append(
+            "  encoded by Ember's native byte-level BPE (the tokenizers library's ids)"
+            + (f"; {handed:,} documents holding an added token's text by the library" if handed else "")
+        )
     elif by.get("engine") == "tokenizers":
-        lines.append(f"  encoded by the tokenizers library ({by.get('note') or 'as asked'})")
+        lines.append(f"  encoded by the tokenizers library: {by.get('note')}")
     for name, split in m["splits"].items():
         if split["documents"]:
             lines.append(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,9 @@ def _native_plan(spec: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
         return None, "it uses subword prefixes or suffixes"
     pre = spec.get("pre_tokenizer") or {}
     byte_level = None
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+    if pre.get("type") == "ByteLevel":
+        if not pre.get("use_regex", True):
+            return None, "its ByteLevel pre-tokenizer splits without a regex"
         byte_level, pattern = pre, dict(SUPPORTED_PRETOKENIZER_PATTERNS)["gpt2"]
     elif pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
         split, byte_level = pre["pretokenizers"]
@@ -235,7 +238,9 @@ class HFEncoder(DocumentEncoder):
         self.suffix = _specials(auto_suffix, self.eos_id, eos, "EOS", spec)
 
         self._native = None
-        self.engine, self.engine_note = "tokenizers", "native=False"
+        self.engine, self.engine_note = "tokenizers", "native BPE switched off (--library-tokenizer)"
+        self.library_documents = 0  # with the native engine: documents handed to the library
+        self._count_lock = threading.Lock()
         if native:
             plan, self.engine_note = _native_plan(json.loads(serialized))
             if plan is not None:
@@ -244,7 +249,7 @@ class HFEncoder(DocumentEncoder):
                 try:
                     self._native = BpeEncoder.from_byte_level(**plan)
                     self.engine = "native"
-                except ValueError as e:  # what the tables cannot express, e.g. a merge listed twice
+                except ValueError as e:  # what the tables cannot hold, e.g. a vocabulary missing some bytes
                     self.engine_note = str(e)
 
     def _special_id(self, configured: Any, added: list[int], spec: str, key: str) -> int | None:
@@ -277,6 +282,8 @@ class HFEncoder(DocumentEncoder):
         lengths = np.frombuffer(lengths, "<u8").astype(np.int64)
         if not deferred:
             return tokens, lengths
+        with self._count_lock:
+            self.library_documents += len(deferred)
         # Documents holding an added token's text: the library's own encoding.
         parts = np.split(tokens, np.cumsum(lengths)[:-1])
         d_tokens, d_lengths = self._library_batch([texts[i] for i in deferred])

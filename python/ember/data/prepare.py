@@ -504,6 +504,13 @@ class _Run:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def _encoded_by(self) -> dict:
+        """Which engine encoded this run's documents (not part of the plan: the ids are the same)."""
+        by = {"engine": self.encoder.engine, "note": self.encoder.engine_note}
+        if self.encoder.engine == "native":
+            by["library_documents"] = self.encoder.library_documents  # held an added token's text
+        return by
+
     def manifest(self) -> dict:
         stats = [st for st in self.stats if st is not None]
         train, val = self.splits["train"].summary(), self.splits["validation"].summary()
@@ -517,7 +524,7 @@ class _Run:
             "format": FORMAT,
             "version": VERSION,
             "tokenizer": self.plan["tokenizer"],
-            "encoded_by": {"engine": self.encoder.engine, "note": self.encoder.engine_note},  # this run's; not part of the plan
+            "encoded_by": self._encoded_by(),
             "dtype": str(dtype),
             "inputs": self.plan["inputs"],
             "options": self.plan["options"],

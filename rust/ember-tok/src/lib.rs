@@ -30,16 +30,35 @@ pub enum Error {
 
 /// Pieces longer than this are not cached (long runs of one symbol, say).
 const CACHE_PIECE_BYTES: usize = 64;
-/// A cache is emptied when it grows past this many pieces.
-const CACHE_ENTRIES: usize = 1 << 18;
+/// A cache is emptied when its entries would take more than about this much memory.
+const CACHE_BYTES: usize = 32 << 20;
+/// What one entry costs beyond its bytes and ids: two boxes, their allocations, the table slot.
+const CACHE_ENTRY_OVERHEAD: usize = 80;
 
-type Cache = FxHashMap<Box<[u8]>, Box<[u32]>>;
+/// The ids of pre-tokens seen before, within a memory budget.
+#[derive(Default)]
+struct Cache {
+    ids: FxHashMap<Box<[u8]>, Box<[u32]>>,
+    bytes: usize,
+}
+
+impl Cache {
+    fn insert(&mut self, piece: &[u8], ids: &[u32]) {
+        let cost = piece.len() + 4 * ids.len() + CACHE_ENTRY_OVERHEAD;
+        if self.bytes + cost > CACHE_BYTES {
+            self.ids.clear();
+            self.bytes = 0;
+        }
+        self.ids.insert(piece.into(), ids.into());
+        self.bytes += cost;
+    }
+}
 
 pub struct Encoder {
     pretok: PreTokenizer,
     bpe: Bpe,
     added: Option<AhoCorasick>,
-    /// One cache per concurrent caller, taken for the length of a call.
+    /// One cache per concurrent caller (at most about 32 MB each), taken for the length of a call.
     caches: Mutex<Vec<Cache>>,
 }
 
@@ -122,16 +141,13 @@ impl Encoder {
                 self.bpe.encode(bytes, out);
                 return;
             }
-            if let Some(ids) = cache.get(bytes) {
+            if let Some(ids) = cache.ids.get(bytes) {
                 out.extend_from_slice(ids);
                 return;
             }
             let start = out.len();
             self.bpe.encode(bytes, out);
-            if cache.len() >= CACHE_ENTRIES {
-                cache.clear();
-            }
-            cache.insert(bytes.into(), out[start..].into());
+            cache.insert(bytes, &out[start..]);
         });
     }
 
