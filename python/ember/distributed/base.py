@@ -105,6 +105,11 @@ class Strategy(ABC):
         assert self.model is not None and self.optimizer is not None
         if not (directory / EXTRA_FILE).is_file():
             raise FileNotFoundError(f"{directory / EXTRA_FILE}: not found; {directory} is not a complete Ember checkpoint")
+        if (directory / "deepspeed").is_dir() and not (directory / ".metadata").is_file():
+            raise ValueError(
+                f"{directory}: written by the deepspeed strategy, which alone can resume it "
+                "(distributed.strategy=deepspeed); `ember convert` turns it into Hugging Face weights"
+            )
         load_sharded(directory, self.model, self.optimizer)
         return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
 

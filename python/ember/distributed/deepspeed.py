@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,33 @@ from ember.distributed.torch_dist import TorchDistributedStrategy
 from ember.distributed.process_group import env_world
 
 DS_TAG = "deepspeed"
+UNIVERSAL_TAG = "deepspeed-universal"  # the same checkpoint converted for another world size
+
+
+def saved_world_size(tag_dir: Path) -> int:
+    """Ranks that wrote a DeepSpeed checkpoint's ZeRO partitions (0 for ZeRO-0, which has none)."""
+    return len(list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
+def convert_to_universal(tag_dir: Path, out_dir: Path) -> None:
+    """Runs DeepSpeed's ``ds_to_universal`` on ``tag_dir``, writing ``out_dir`` whole or not at all."""
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir), "--output_folder", str(tmp),
+           "--num_extract_workers", workers, "--num_merge_workers", workers, "--inject_missing_state"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"{tag_dir}: converting to a DeepSpeed universal checkpoint failed:\n{done.stderr[-3000:]}")
+    shutil.rmtree(tmp / "tmp", ignore_errors=True)  # the converter's scratch space
+    os.replace(tmp, out_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _import_deepspeed():
@@ -105,6 +136,10 @@ class DeepSpeedStrategy(TorchDistributedStrategy):
         rank, world, local = env_world()
         if world > 1 and "MASTER_ADDR" not in os.environ:
             raise ValueError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with the DeepSpeed launcher or torchrun")
+        if "MASTER_ADDR" not in os.environ:
+            # One process without a launcher: give DeepSpeed the group a launcher would
+            # (it would otherwise look for MPI).
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
@@ -153,14 +188,46 @@ class DeepSpeedStrategy(TorchDistributedStrategy):
         """Done inside ``backward`` at the accumulation boundary."""
 
     def save_checkpoint(self, directory: Path, extra: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(str(directory), tag=DS_TAG)
+        # The marker DeepSpeed's ds_to_universal asks for: the checkpoint can move to another world size.
+        from deepspeed.checkpoint import constants as ds
+
+        universal = {ds.UNIVERSAL_CHECKPOINT_INFO: {ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG, client_state=universal)
         if self.is_main:
             torch.save(extra, directory / EXTRA_FILE)
 
     def load_checkpoint(self, directory: Path) -> dict[str, Any]:
         if not (directory / DS_TAG).is_dir():
             raise FileNotFoundError(f"{directory / DS_TAG}: not found; {directory} is not a DeepSpeed checkpoint of this strategy")
-        path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG)
+        tag = DS_TAG
+        saved = saved_world_size(directory / DS_TAG)
+        if saved and saved != self.world_size:
+            # ZeRO partitions written by another number of ranks: DeepSpeed loads them
+            # only through its universal format. Converted once, beside the original.
+            failure = [None]
+            if self.is_main and not (directory / UNIVERSAL_TAG).is_dir():
+                try:
+                    convert_to_universal(directory / DS_TAG, directory / UNIVERSAL_TAG)
+                except Exception as e:  # every rank raises it, none waits forever
+                    failure = [str(e)]
+            dist.broadcast_object_list(failure, src=0)
+            if failure[0] is not None:
+                raise RuntimeError(failure[0])
+            tag = UNIVERSAL_TAG
+        universal = self.engine._config.load_universal_checkpoint
+        self.engine._config.load_universal_checkpoint = universal or tag == UNIVERSAL_TAG
+        # DeepSpeed's universal loader for ZeRO-3 gives every parameter group the first
+        # group's settings (weight decay included); each group's own come back after,
+        # all but the learning rate, which is the checkpoint's.
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        settings = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in inner.param_groups]
+        try:
+            path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
+        finally:
+            self.engine._config.load_universal_checkpoint = universal
+        if tag == UNIVERSAL_TAG:
+            for group, saved in zip(inner.param_groups, settings):
+                group.update(saved)
         if path is None:
             raise ValueError(f"{directory}: DeepSpeed could not load this checkpoint")
         return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
