@@ -635,3 +635,36 @@ def test_train_with_data_prepare_and_the_builtin_validation_corpus(tmp_path, tex
     train, val = PretrainingOrchestrator(config)._data_paths()
     assert train == str(tmp_path / "tokens" / "train")
     assert Path(val).is_dir() and Path(val).is_relative_to(tmp_path / "cache") and len(open_dataset(val)) > 0
+
+
+# -- the native JSON Lines fast path ------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    record=st.dictionaries(st.sampled_from(["text", "t", "id", "meta", ""]), JSON_VALUES, max_size=5),
+    ascii_only=st.booleans(),
+    junk=st.binary(max_size=12),
+)
+@settings(max_examples=400, deadline=None)
+def test_native_jsonl_reads_what_python_reads(record, ascii_only, junk):
+    from ember._native import jsonl_texts
+
+    line = json.dumps(record, ensure_ascii=ascii_only).encode() + b"\n"
+    texts, lengths = jsonl_texts([line, junk + line, line.replace(b"}", b"", 1) + junk], "text")
+    python = record.get("text")
+    if isinstance(python, str) and not any(0xD800 <= ord(c) <= 0xDFFF for c in python):
+        assert texts[0] == python and lengths[0] == len(python.encode())  # standard JSON: the fast path takes it
+    else:
+        assert texts[0] is None  # left to Python's parser and its messages
+    for text, raw in zip(texts[1:], [junk + line, line.replace(b"}", b"", 1) + junk]):
+        if text is not None:  # whatever the fast path takes, Python reads the same
+            assert json.loads(raw)["text"] == text

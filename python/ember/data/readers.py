@@ -173,6 +173,9 @@ def _open_binary(src: SourceFile, raw: BinaryIO) -> BinaryIO:
     return raw
 
 
+JSONL_CHUNK_BYTES = 1 << 20  # lines handed to the native parser at a time
+
+
 class FileReader:
     """Iterates ``(line, text, utf8_bytes)`` for the documents of one file; ``line`` is
     1-based (for Parquet, the row). Counts go to ``stats``; ``raw_position`` is how far
@@ -294,38 +297,57 @@ class FileReader:
             yield doc
 
     def _jsonl(self, f: BinaryIO) -> Iterator[tuple[int, str, int]]:
+        # Chunks of lines go through Rust's JSON parser (well-formed records only, the
+        # GIL released); every line it declines is read by Python's, as before, so the
+        # texts and the messages are the same either way.
+        from ember._native import jsonl_texts
+
         key = self.options.text_field
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except UnicodeDecodeError as e:
-                self._bad(n, f"bytes that are not UTF-8 ({e.reason} at byte {e.start} of the line)")
-                continue
-            except ValueError as e:
-                self._bad(n, f"malformed JSON ({e})")
-                continue
-            if not isinstance(record, dict):
-                self._bad(n, f"expected a JSON object, got {type(record).__name__}")
-                continue
-            if key not in record:
-                fields = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-                raise PrepareError(
-                    f"{self.src.name}:{n}: no field {key!r} in the record (its fields: {fields}); "
-                    "set the text field with --text-field (text_field in YAML)"
-                )
-            text = record[key]
-            if not isinstance(text, str):
-                self._bad(n, f"field {key!r} is {_json_type(text)}, not a string")
-                continue
-            try:
-                nbytes = len(text.encode("utf-8"))
-            except UnicodeEncodeError as e:
-                self._bad(n, f"field {key!r} holds an unpaired surrogate escape at character {e.start}, which is not valid Unicode")
-                continue
-            if doc := self._document(n, text, nbytes):
-                yield doc
+        n = 0
+        while lines := f.readlines(JSONL_CHUNK_BYTES):
+            texts, lengths = jsonl_texts(lines, key)
+            for raw, text, nbytes in zip(lines, texts, lengths):
+                n += 1
+                if text is None:
+                    doc = self._jsonl_record(n, raw)
+                else:
+                    doc = self._document(n, text, nbytes)
+                if doc:
+                    yield doc
+
+    def _jsonl_record(self, n: int, raw: bytes) -> tuple[int, str, int] | None:
+        """One JSON Lines record through Python's parser: the document, or None (blank
+        line, empty or bad record)."""
+        key = self.options.text_field
+        if not raw.strip():
+            return None
+        try:
+            record = json.loads(raw)
+        except UnicodeDecodeError as e:
+            self._bad(n, f"bytes that are not UTF-8 ({e.reason} at byte {e.start} of the line)")
+            return None
+        except ValueError as e:
+            self._bad(n, f"malformed JSON ({e})")
+            return None
+        if not isinstance(record, dict):
+            self._bad(n, f"expected a JSON object, got {type(record).__name__}")
+            return None
+        if key not in record:
+            fields = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+            raise PrepareError(
+                f"{self.src.name}:{n}: no field {key!r} in the record (its fields: {fields}); "
+                "set the text field with --text-field (text_field in YAML)"
+            )
+        text = record[key]
+        if not isinstance(text, str):
+            self._bad(n, f"field {key!r} is {_json_type(text)}, not a string")
+            return None
+        try:
+            nbytes = len(text.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            self._bad(n, f"field {key!r} holds an unpaired surrogate escape at character {e.start}, which is not valid Unicode")
+            return None
+        return self._document(n, text, nbytes)
 
     def _parquet(self) -> Iterator[tuple[int, str, int]]:
         try:

@@ -1,4 +1,4 @@
-//! `BpeEncoder`: `ember-tok`'s byte-level BPE for `ember prepare`.
+//! `ember-tok` for `ember prepare`: `BpeEncoder` (byte-level BPE) and `jsonl_texts`.
 
 use std::collections::HashMap;
 
@@ -165,4 +165,15 @@ impl BpeEncoder {
         chars_before[text.len()] = count;
         spans.into_iter().map(|(s, e)| (chars_before[s], chars_before[e])).collect()
     }
+}
+
+/// The text field of each JSON Lines record in `lines`, with its length in UTF-8
+/// bytes; `(None, 0)` for a line to be read by Python's own parser (malformed, not an
+/// object, field missing or not a string, non-standard JSON). Parses without the GIL.
+#[pyfunction]
+pub fn jsonl_texts(py: Python<'_>, lines: Vec<Bound<'_, PyBytes>>, key: &str) -> (Vec<Option<String>>, Vec<usize>) {
+    let raw: Vec<&[u8]> = lines.iter().map(|l| l.as_bytes()).collect();
+    let texts: Vec<Option<String>> = py.detach(|| raw.iter().map(|l| ember_tok::jsonl::text_field(l, key)).collect());
+    let lengths = texts.iter().map(|t| t.as_ref().map_or(0, String::len)).collect();
+    (texts, lengths)
 }

@@ -298,6 +298,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Dataset>()?;
     m.add_class::<Loader>()?;
     m.add_class::<bpe::BpeEncoder>()?;
+    m.add_function(wrap_pyfunction!(bpe::jsonl_texts, m)?)?;
     m.add("SUPPORTED_PRETOKENIZER_PATTERNS", bpe::SUPPORTED_PATTERNS.to_vec())?;
     m.add("ShardFormatError", m.py().get_type::<ShardFormatError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -12,6 +12,7 @@
 
 pub mod bpe;
 pub mod bytelevel;
+pub mod jsonl;
 pub mod pretok;
 
 use std::sync::Mutex;
