@@ -228,6 +228,11 @@ class DeepSpeedStrategy(TorchDistributedStrategy):
         if tag == UNIVERSAL_TAG:
             for group, saved in zip(inner.param_groups, settings):
                 group.update(saved)
+            # The same loader hands one `step` tensor to every parameter group's state;
+            # Adam counts it up in place, once per group, so each group gets its own.
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
         if path is None:
             raise ValueError(f"{directory}: DeepSpeed could not load this checkpoint")
         return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
