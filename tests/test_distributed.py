@@ -296,6 +296,8 @@ def test_user_guide_calls(tmp_path):
         "assert torch.allclose(g, model.module.weight.grad), 'gradients were not averaged'\n"
         "import sys, pathlib\n"
         "pathlib.Path(sys.argv[1], f'rank{strategy.rank}.txt').write_text(f'{strategy.rank} {strategy.world_size}')\n"
+        "del model\n"
+        "dist.barrier()\n"
         "dist.destroy_process_group()\n"
     )
     # Each rank reports in its own file: the ranks' prints to one stdout can interleave.
