@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["kernel_fixtures"]  # gen, triton_backend
+
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:

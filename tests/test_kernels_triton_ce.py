@@ -10,8 +10,6 @@ prints ``EMBER_TEST_SEED=...``; set that variable to replay it.
 from __future__ import annotations
 
 import math
-import os
-import random
 
 import pytest
 import torch
@@ -36,18 +34,7 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("EMBER_KERNELS", "triton")
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("EMBER_TEST_SEED") or random.SystemRandom().randrange(2**31))
-    print(f"EMBER_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("triton_backend")  # fixtures: tests/kernel_fixtures.py
 
 
 def randn(gen, *shape, scale=1.0, dtype=torch.float32, requires_grad=True):

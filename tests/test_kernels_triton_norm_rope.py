@@ -14,7 +14,6 @@ result's in the same precision (times 1.1), give or take a few float32 rounding 
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -39,19 +38,7 @@ f32, f64 = torch.float32, torch.float64
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    """Every op takes its Triton path; on the CPU, in Triton's interpreter."""
-    monkeypatch.setenv("EMBER_KERNELS", "triton")
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture
-def gen():
-    seed = int(os.environ.get("EMBER_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"inputs from seed {seed}: EMBER_TEST_SEED={seed} replays them")
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("triton_backend")  # fixtures: tests/kernel_fixtures.py
 
 
 def randn(gen, *shape, dtype=f32, scale=1.0, requires_grad=True):
