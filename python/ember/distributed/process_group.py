@@ -46,4 +46,14 @@ def init_process_group(device: torch.device, backend: str | None = None, timeout
 
 def destroy_process_group() -> None:
     if dist.is_initialized():
+        # Every rank arrives before any leaves, and objects that hold the group (a DDP
+        # reducer, a DeepSpeed engine) are collected while it still exists: a rank that
+        # tears down while a peer or such an object still uses the group can abort at exit.
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass  # a peer is gone already; leave anyway
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
