@@ -294,15 +294,49 @@ def test_user_guide_calls(tmp_path):
         "model(torch.randn(4, 3)).sum().backward()\n"
         "g = model.module.weight.grad.clone(); dist.all_reduce(g); g /= dist.get_world_size()\n"
         "assert torch.allclose(g, model.module.weight.grad), 'gradients were not averaged'\n"
-        "import sys, pathlib\n"
-        "pathlib.Path(sys.argv[1], f'rank{strategy.rank}.txt').write_text(f'{strategy.rank} {strategy.world_size}')\n"
         "del model\n"
-        "dist.barrier()\n"
         "dist.destroy_process_group()\n"
+        "import sys, pathlib\n"
+        f"{GROUP_THREADS}\n"
+        "pathlib.Path(sys.argv[1], f'rank{strategy.rank}.txt').write_text(f'{strategy.rank} {strategy.world_size} {group_threads()}')\n"
     )
     # Each rank reports in its own file: the ranks' prints to one stdout can interleave.
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(tmp_path)])
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["0 2", "1 2"]
+    # Once the script let go of the model, leaving the group ended the group's threads
+    # (left running into interpreter shutdown, they can abort the finished process).
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["0 2 []", "1 2 []"]
+
+
+# The names of this process's threads that belong to a gloo process group.
+GROUP_THREADS = (
+    "def group_threads():\n"
+    "    import os\n"
+    "    names = (open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))\n"
+    "    return sorted(n for n in names if 'gloo' in n)"
+)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_finished_run_leaves_no_group_threads(strategy, reference, tmp_path):
+    """`ember train` releases everything that holds the group before leaving it."""
+    cfg, _ = reference
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        "import sys, pathlib, yaml\n"
+        "from ember.config import config_from_dict\n"
+        "from ember.train.orchestrator import PretrainingOrchestrator\n"
+        f"{GROUP_THREADS}\n"
+        "raw = yaml.safe_load(open(sys.argv[1]))\n"
+        "raw['distributed'] = {'strategy': sys.argv[2]}\n"
+        "raw['training'].update(batch_size=4, max_steps=2)\n"
+        "raw['logging'].update(run_dir=sys.argv[3], run_name='r')\n"
+        "orchestrator = PretrainingOrchestrator(config_from_dict(raw))\n"
+        "orchestrator.train()\n"
+        "import os\n"
+        "pathlib.Path(sys.argv[3], f'rank{os.environ[\"RANK\"]}.txt').write_text(f'{orchestrator.model} {group_threads()}')\n"
+    )
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(cfg), strategy, str(tmp_path)])
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["None []", "None []"]
 
 
 def test_checkpoint_metadata_cannot_run_code(tmp_path):

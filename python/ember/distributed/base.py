@@ -45,6 +45,13 @@ class Strategy(ABC):
     def teardown(self) -> None:
         """Leaves the process group (if any)."""
 
+    def release(self) -> None:
+        """Drops the strategy's references to the model, optimizer and engine. Before the
+        group is destroyed, nothing may still hold it: a wrapped model keeps the group's
+        worker threads alive into interpreter shutdown, where they can abort the process."""
+        self.model = None
+        self.optimizer = None
+
     @abstractmethod
     def prepare(
         self,

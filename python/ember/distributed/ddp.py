@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -25,18 +26,21 @@ class DDPStrategy(TorchDistributedStrategy):
         super().__init__(device, backend)
         self.find_unused_parameters = find_unused_parameters
         self.static_graph = static_graph
-        self._ddp: DistributedDataParallel | None = None
+        # Weak: the user guide's module-level strategy must not keep a wrapped model (and
+        # through it the process group) alive after the script let go of it.
+        self._ddp: weakref.ref[DistributedDataParallel] | None = None
 
     def wrap(self, model: nn.Module) -> DistributedDataParallel:
         """Wraps a materialised model (the user guide's ``setup_model_with_ddp``)."""
-        self._ddp = DistributedDataParallel(
+        ddp = DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=self.find_unused_parameters,
             static_graph=self.static_graph,
             gradient_as_bucket_view=True,
         )
-        return self._ddp
+        self._ddp = weakref.ref(ddp)
+        return ddp
 
     def prepare(
         self,
@@ -51,9 +55,14 @@ class DDPStrategy(TorchDistributedStrategy):
         self.optimizer = make_optimizer(model)
         return wrapped, self.optimizer
 
+    def release(self) -> None:
+        super().release()
+        self._ddp = None
+
     def no_sync(self):
-        assert self._ddp is not None
-        return self._ddp.no_sync()
+        ddp = self._ddp() if self._ddp is not None else None
+        assert ddp is not None, "no_sync() needs the model wrap() returned"
+        return ddp.no_sync()
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model

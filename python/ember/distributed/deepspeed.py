@@ -25,7 +25,7 @@ from torch import nn
 
 from ember.distributed.base import EXTRA_FILE
 from ember.distributed.torch_dist import TorchDistributedStrategy
-from ember.distributed.process_group import env_world
+from ember.distributed.process_group import env_world, leave_at_exit
 
 DS_TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed-universal"  # the same checkpoint converted for another world size
@@ -143,6 +143,7 @@ class DeepSpeedStrategy(TorchDistributedStrategy):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
+        leave_at_exit()
         self.rank, self.world_size, self.local_rank = dist.get_rank(), dist.get_world_size(), local
         self.ds_config = build_deepspeed_config(self.config, self.world_size)
 
@@ -171,6 +172,12 @@ class DeepSpeedStrategy(TorchDistributedStrategy):
         inner = ds_optimizer if isinstance(ds_optimizer, torch.optim.Optimizer) else ds_optimizer.optimizer
         self.optimizer = inner
         return engine, inner
+
+    def release(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()  # removes the engine's hooks and frees its buffers
+        super().release()
+        self.engine = None
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loop already divides by the accumulation steps. DeepSpeed steps (and clips)

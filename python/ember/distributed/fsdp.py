@@ -87,6 +87,14 @@ class FSDPStrategy(TorchDistributedStrategy):
         self.optimizer = make_optimizer(model)
         return model, self.optimizer
 
+    def release(self) -> None:
+        super().release()
+        if self.mesh is not None:
+            # DTensor's sharding caches keep the mesh alive, and the mesh holds its
+            # process groups: empty its registry so the groups can go.
+            getattr(self.mesh, "_pg_registry", {}).clear()
+        self.mesh = None
+
     def no_sync(self):
         # FSDP2: skip the reduce-scatter on accumulation micro-steps; the last one syncs.
         return _GradSyncOff(self.model)

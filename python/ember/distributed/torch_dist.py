@@ -18,6 +18,7 @@ class TorchDistributedStrategy(Strategy):
         self.rank, self.world_size, self.local_rank = init_process_group(self.device, self.backend)
 
     def teardown(self) -> None:
+        self.release()
         destroy_process_group()
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:

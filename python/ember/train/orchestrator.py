@@ -13,10 +13,12 @@ import dataclasses
 import math
 import random
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from ember import _native
@@ -185,7 +187,15 @@ class PretrainingOrchestrator:
             if sample_prompt is not None and (self.config.data.prepare.tokenizer or self.config.data.tokenizer) == "byte":
                 summary["sample"] = self.sample(sample_prompt)
             return summary
+        except BaseException as error:
+            # The failed run's frames hold the model; let go of them before the group goes.
+            traceback.clear_frames(error.__traceback__)
+            raise
         finally:
+            if dist.is_initialized():
+                # Everything that holds the process group goes before the group does (see
+                # Strategy.release); the checkpoint and the Hugging Face export keep the weights.
+                self.model = None
             s.teardown()
 
     def export_hf(self, directory: Path) -> Path:
