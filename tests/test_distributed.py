@@ -279,6 +279,20 @@ def test_deepspeed_config_must_agree_with_training(corpus, tmp_path):
         build_deepspeed_config(cfg, world_size=1)
 
 
+# The names of this process's threads that belong to a gloo process group.
+GROUP_THREADS = """
+def group_threads():
+    import os
+    names = []
+    for t in os.listdir('/proc/self/task'):
+        try:
+            names.append(open(f'/proc/self/task/{t}/comm').read().strip())
+        except OSError:
+            pass  # the thread ended meanwhile
+    return sorted(n for n in names if 'gloo' in n)
+"""
+
+
 def test_user_guide_calls(tmp_path):
     cfg = get_fsdp_config(mixed_precision=True, sharding_strategy="FULL_SHARD", checkpoint_activation=True, activation_checkpointing_policy="contiguous")
     assert (cfg.sharding_strategy, cfg.mixed_precision, cfg.activation_checkpointing, cfg.activation_checkpointing_policy) == ("FULL_SHARD", True, True, "contiguous")
@@ -286,57 +300,76 @@ def test_user_guide_calls(tmp_path):
         get_fsdp_config(sharding_strategy="EVERYTHING")
     script = tmp_path / "ddp_script.py"
     script.write_text(
-        "import torch, torch.distributed as dist\n"
-        "from ember.distributed import setup_ddp, setup_model_with_ddp\n"
-        "strategy = setup_ddp(backend='gloo', find_unused_parameters=False)\n"
-        "torch.manual_seed(dist.get_rank())\n"
-        "model = setup_model_with_ddp(torch.nn.Linear(3, 1))\n"
-        "model(torch.randn(4, 3)).sum().backward()\n"
-        "g = model.module.weight.grad.clone(); dist.all_reduce(g); g /= dist.get_world_size()\n"
-        "assert torch.allclose(g, model.module.weight.grad), 'gradients were not averaged'\n"
-        "del model\n"
-        "dist.destroy_process_group()\n"
-        "import sys, pathlib\n"
-        f"{GROUP_THREADS}\n"
-        "pathlib.Path(sys.argv[1], f'rank{strategy.rank}.txt').write_text(f'{strategy.rank} {strategy.world_size} {group_threads()}')\n"
+        GROUP_THREADS
+        + """
+import sys, pathlib
+import torch, torch.distributed as dist
+from ember.distributed import setup_ddp, setup_model_with_ddp
+strategy = setup_ddp(backend='gloo', find_unused_parameters=False)
+torch.manual_seed(dist.get_rank())
+model = setup_model_with_ddp(torch.nn.Linear(3, 1))
+model(torch.randn(4, 3)).sum().backward()
+g = model.module.weight.grad.clone(); dist.all_reduce(g); g /= dist.get_world_size()
+assert torch.allclose(g, model.module.weight.grad), 'gradients were not averaged'
+while_held = group_threads()
+del model
+dist.destroy_process_group()
+pathlib.Path(sys.argv[1], f'rank{strategy.rank}.txt').write_text(f'{strategy.rank} {strategy.world_size} {bool(while_held)} {group_threads()}')
+"""
     )
     # Each rank reports in its own file: the ranks' prints to one stdout can interleave.
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(tmp_path)])
-    # Once the script let go of the model, leaving the group ended the group's threads
-    # (left running into interpreter shutdown, they can abort the finished process).
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["0 2 []", "1 2 []"]
+    # The group had threads; once the script let go of the model, leaving the group ended
+    # them (left running into interpreter shutdown, they can abort the finished process).
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["0 2 True []", "1 2 True []"]
 
 
-# The names of this process's threads that belong to a gloo process group.
-GROUP_THREADS = (
-    "def group_threads():\n"
-    "    import os\n"
-    "    names = (open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))\n"
-    "    return sorted(n for n in names if 'gloo' in n)"
-)
+TRAIN_SCRIPT = """
+import os, sys, pathlib, yaml
+from ember.config import config_from_dict
+from ember.train.orchestrator import PretrainingOrchestrator
+cfg, strategy, out, fail = sys.argv[1:5]
+raw = yaml.safe_load(open(cfg))
+raw['distributed'] = {'strategy': strategy}
+raw['training'].update(batch_size=4, max_steps=2)
+raw['logging'].update(run_dir=out, run_name='r')
+orchestrator = PretrainingOrchestrator(config_from_dict(raw))
+s = orchestrator.strategy
+while_held = []
+release = s.release
+def recording_release():
+    while_held.extend(group_threads())
+    release()
+s.release = recording_release
+if fail == 'fail' and os.environ['RANK'] == '0':
+    def clip_grad_norm(max_norm):
+        raise RuntimeError('boom on rank 0')
+    s.clip_grad_norm = clip_grad_norm  # the peer goes on into the next collective
+orchestrator.train()
+pathlib.Path(out, f"rank{os.environ['RANK']}.txt").write_text(f'{orchestrator.model} {bool(while_held)} {group_threads()}')
+"""
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
 def test_a_finished_run_leaves_no_group_threads(strategy, reference, tmp_path):
     """`ember train` releases everything that holds the group before leaving it."""
     cfg, _ = reference
     script = tmp_path / "train_script.py"
-    script.write_text(
-        "import sys, pathlib, yaml\n"
-        "from ember.config import config_from_dict\n"
-        "from ember.train.orchestrator import PretrainingOrchestrator\n"
-        f"{GROUP_THREADS}\n"
-        "raw = yaml.safe_load(open(sys.argv[1]))\n"
-        "raw['distributed'] = {'strategy': sys.argv[2]}\n"
-        "raw['training'].update(batch_size=4, max_steps=2)\n"
-        "raw['logging'].update(run_dir=sys.argv[3], run_name='r')\n"
-        "orchestrator = PretrainingOrchestrator(config_from_dict(raw))\n"
-        "orchestrator.train()\n"
-        "import os\n"
-        "pathlib.Path(sys.argv[3], f'rank{os.environ[\"RANK\"]}.txt').write_text(f'{orchestrator.model} {group_threads()}')\n"
-    )
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(cfg), strategy, str(tmp_path)])
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["None []", "None []"]
+    script.write_text(GROUP_THREADS + TRAIN_SCRIPT)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(cfg), strategy, str(tmp_path), "-"])
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["None True []", "None True []"]
+
+
+def test_a_rank_that_fails_reports_and_ends_the_job(reference, tmp_path):
+    """Rank 0 fails mid-step while rank 1 waits for it in a collective: the error is
+    printed and the job ends at once, instead of waiting out the collective timeout."""
+    cfg, _ = reference
+    script = tmp_path / "train_script.py"
+    script.write_text(GROUP_THREADS + TRAIN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(cfg), "ddp", str(tmp_path), "fail"]
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
+    assert out.returncode != 0
+    assert "RuntimeError: boom on rank 0" in out.stdout + out.stderr
 
 
 def test_checkpoint_metadata_cannot_run_code(tmp_path):

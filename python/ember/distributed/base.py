@@ -42,8 +42,10 @@ class Strategy(ABC):
     def setup(self) -> None:
         """Joins the process group (if any). Called once before anything else."""
 
-    def teardown(self) -> None:
-        """Leaves the process group (if any)."""
+    def teardown(self, failed: bool = False) -> None:
+        """Leaves the process group (if any). After a failure (``failed``) it only
+        releases: a peer may be waiting in a collective this rank will never join, and
+        leaving would wait for it."""
 
     def release(self) -> None:
         """Drops the strategy's references to the model, optimizer and engine. Before the

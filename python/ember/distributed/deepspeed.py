@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from torch import nn
 
 from ember.distributed.base import EXTRA_FILE
 from ember.distributed.torch_dist import TorchDistributedStrategy
-from ember.distributed.process_group import env_world, leave_at_exit
+from ember.distributed.process_group import destroy_process_group, env_world
 
 DS_TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed-universal"  # the same checkpoint converted for another world size
@@ -143,7 +144,6 @@ class DeepSpeedStrategy(TorchDistributedStrategy):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo", verbose=False)
-        leave_at_exit()
         self.rank, self.world_size, self.local_rank = dist.get_rank(), dist.get_world_size(), local
         self.ds_config = build_deepspeed_config(self.config, self.world_size)
 
@@ -174,10 +174,27 @@ class DeepSpeedStrategy(TorchDistributedStrategy):
         return engine, inner
 
     def release(self) -> None:
-        if self.engine is not None:
-            self.engine.destroy()  # removes the engine's hooks and frees its buffers
+        engine, self.engine = self.engine, None
         super().release()
-        self.engine = None
+        if engine is not None:
+            try:
+                engine.destroy()  # removes the hooks through which the model keeps the engine
+            except Exception as error:  # never let cleanup replace the run's own outcome
+                warnings.warn(f"DeepSpeed engine.destroy() failed: {error}", stacklevel=2)
+
+    def teardown(self, failed: bool = False) -> None:
+        self.release()
+        if not failed:
+            destroy_process_group(self._destroy_groups)
+
+    def _destroy_groups(self) -> None:
+        # DeepSpeed's own destroy also forgets the groups it cached (its copy of the world
+        # group, data-parallel groups), which would otherwise keep their threads alive.
+        self.deepspeed.comm.destroy_process_group()
+        from deepspeed.utils import groups
+
+        if getattr(groups, "_WORLD_GROUP", None) is not None:  # older DeepSpeed releases keep it
+            groups._WORLD_GROUP = None
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loop already divides by the accumulation steps. DeepSpeed steps (and clips)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import gc
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -43,36 +43,20 @@ def init_process_group(device: torch.device, backend: str | None = None, timeout
             device_id=device if device.type == "cuda" else None,
             **kwargs,
         )
-        leave_at_exit()
     return dist.get_rank(), dist.get_world_size(), local
 
 
-def destroy_process_group() -> None:
+def destroy_process_group(destroy: Callable[[], None] = dist.destroy_process_group) -> None:
     """Leaves the group once every rank has arrived. Whatever holds the group (a DDP
     reducer, an FSDP mesh, a DeepSpeed engine) should be released first (see
     ``Strategy.release``): the group's worker threads end only when its last holder
     goes, and threads still running when the interpreter shuts down can abort the
-    process after the work is done."""
+    process after the work is done. ``destroy`` is the call that destroys the groups."""
     if dist.is_initialized():
         try:
             dist.barrier()
         except RuntimeError:
             pass  # a peer is gone already; leave anyway
         gc.collect()  # holders caught in reference cycles
-        dist.destroy_process_group()
-        gc.collect()
-
-
-def leave_at_exit() -> None:
-    """Makes the process leave the group at exit if nothing else did."""
-    atexit.unregister(_leave_at_exit)  # once, however often the group was joined
-    atexit.register(_leave_at_exit)
-
-
-def _leave_at_exit() -> None:
-    # For scripts that never leave the group: leave while the interpreter is still
-    # whole (no barrier: a peer may be gone).
-    if dist.is_initialized():
-        gc.collect()
-        dist.destroy_process_group()
+        destroy()
         gc.collect()

@@ -17,9 +17,10 @@ class TorchDistributedStrategy(Strategy):
     def setup(self) -> None:
         self.rank, self.world_size, self.local_rank = init_process_group(self.device, self.backend)
 
-    def teardown(self) -> None:
+    def teardown(self, failed: bool = False) -> None:
         self.release()
-        destroy_process_group()
+        if not failed:
+            destroy_process_group()
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         # gloo has no AVG; SUM then divide works on every backend.

@@ -13,7 +13,6 @@ import dataclasses
 import math
 import random
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -182,21 +181,19 @@ class PretrainingOrchestrator:
         byte tokenizer, the summary also holds ``sample``: text the trained model writes."""
         s = self.strategy
         s.setup()
+        finished = False
         try:
             summary = self._train()
             if sample_prompt is not None and (self.config.data.prepare.tokenizer or self.config.data.tokenizer) == "byte":
                 summary["sample"] = self.sample(sample_prompt)
+            finished = True
             return summary
-        except BaseException as error:
-            # The failed run's frames hold the model; let go of them before the group goes.
-            traceback.clear_frames(error.__traceback__)
-            raise
         finally:
             if dist.is_initialized():
                 # Everything that holds the process group goes before the group does (see
                 # Strategy.release); the checkpoint and the Hugging Face export keep the weights.
                 self.model = None
-            s.teardown()
+            s.teardown(failed=not finished)
 
     def export_hf(self, directory: Path) -> Path:
         """Writes the model's weights as a Hugging Face checkpoint (every rank calls it;
@@ -220,6 +217,11 @@ class PretrainingOrchestrator:
         """Text continuing ``prompt`` (byte tokenizer), sampled with a fixed seed. Every rank calls it."""
         from ember.data.tokenizer import ByteTokenizer
 
+        if self.model is None:
+            raise RuntimeError(
+                "no trained model to sample from: a distributed train() releases it with the process group "
+                "(pass sample_prompt to train(), or load the run's checkpoint or Hugging Face export)"
+            )
         tok = ByteTokenizer()
         device = self.strategy.device
         ids = torch.tensor([tok.encode(prompt, eos=False)], device=device)
