@@ -54,6 +54,12 @@ def test_loss_falls_on_the_stdlib_corpus(tmp_path, corpus):
     assert saved["training"]["max_steps"] == 60 and saved["model"]["preset"] == "tiny"
 
 
+def test_sampling_needs_a_trained_model(tmp_path, corpus):
+    orchestrator = PretrainingOrchestrator(config_from_dict(small_config(tmp_path, corpus)))
+    with pytest.raises(RuntimeError, match="no trained model to sample from"):
+        orchestrator.sample("def ")
+
+
 def test_checkpoints_keep_the_last_k_and_refuse_silent_overwrite(tmp_path, corpus):
     raw = small_config(tmp_path, corpus)
     PretrainingOrchestrator(config_from_dict(raw)).train()

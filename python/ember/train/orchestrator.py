@@ -60,6 +60,7 @@ class PretrainingOrchestrator:
         self.config = config
         self.resume = resume if resume is not None else config.checkpoint.resume
         self.strategy = make_strategy(config)
+        self.model: torch.nn.Module | None = None  # the trained model, after a single-strategy train()
 
     # -- building -----------------------------------------------------------
 
