@@ -659,12 +659,13 @@ def test_native_jsonl_reads_what_python_reads(record, ascii_only, junk):
     from ember._native import jsonl_texts
 
     line = json.dumps(record, ensure_ascii=ascii_only).encode() + b"\n"
-    texts, lengths = jsonl_texts([line, junk + line, line.replace(b"}", b"", 1) + junk], "text")
+    damaged = [junk + line, line.replace(b"}", b"", 1) + junk]
+    texts, lengths = jsonl_texts([line, *damaged], "text")
     python = record.get("text")
     if isinstance(python, str) and not any(0xD800 <= ord(c) <= 0xDFFF for c in python):
         assert texts[0] == python and lengths[0] == len(python.encode())  # standard JSON: the fast path takes it
     else:
         assert texts[0] is None  # left to Python's parser and its messages
-    for text, raw in zip(texts[1:], [junk + line, line.replace(b"}", b"", 1) + junk]):
+    for text, raw in zip(texts[1:], damaged):
         if text is not None:  # whatever the fast path takes, Python reads the same
             assert json.loads(raw)["text"] == text

@@ -26,7 +26,7 @@ from torch import nn
 
 from ember.distributed.base import EXTRA_FILE
 from ember.distributed.torch_dist import TorchDistributedStrategy
-from ember.distributed.process_group import destroy_process_group, env_world
+from ember.distributed.process_group import env_world
 
 DS_TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed-universal"  # the same checkpoint converted for another world size
@@ -181,11 +181,6 @@ class DeepSpeedStrategy(TorchDistributedStrategy):
                 engine.destroy()  # removes the hooks through which the model keeps the engine
             except Exception as error:  # never let cleanup replace the run's own outcome
                 warnings.warn(f"DeepSpeed engine.destroy() failed: {error}", stacklevel=2)
-
-    def teardown(self, failed: bool = False) -> None:
-        self.release()
-        if not failed:
-            destroy_process_group(self._destroy_groups)
 
     def _destroy_groups(self) -> None:
         # DeepSpeed's own destroy also forgets the groups it cached (its copy of the world

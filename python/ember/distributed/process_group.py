@@ -57,6 +57,5 @@ def destroy_process_group(destroy: Callable[[], None] = dist.destroy_process_gro
             dist.barrier()
         except RuntimeError:
             pass  # a peer is gone already; leave anyway
-        gc.collect()  # holders caught in reference cycles
         destroy()
-        gc.collect()
+        gc.collect()  # holders caught in reference cycles go now, and the groups with them

@@ -20,7 +20,11 @@ class TorchDistributedStrategy(Strategy):
     def teardown(self, failed: bool = False) -> None:
         self.release()
         if not failed:
-            destroy_process_group()
+            destroy_process_group(self._destroy_groups)
+
+    def _destroy_groups(self) -> None:
+        """Destroys every process group; an engine that caches groups of its own makes it forget them too."""
+        dist.destroy_process_group()
 
     def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         # gloo has no AVG; SUM then divide works on every backend.
