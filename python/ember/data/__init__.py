@@ -8,6 +8,6 @@ batches of fixed-length samples in a seeded, world-size-independent order.
 from ember._native import ShardFormatError
 from ember.data.loader import TokenLoader
 from ember.data.prepare import PrepareError, prepare
-from ember.data.shards import ShardWriter, TokenDataset, open_dataset
+from ember.data.shards import ShardWriter, TokenDataset, check_vocabulary, open_dataset
 
-__all__ = ["PrepareError", "ShardFormatError", "ShardWriter", "TokenDataset", "TokenLoader", "open_dataset", "prepare"]
+__all__ = ["PrepareError", "ShardFormatError", "ShardWriter", "TokenDataset", "TokenLoader", "check_vocabulary", "open_dataset", "prepare"]

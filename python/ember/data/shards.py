@@ -152,3 +152,17 @@ def open_dataset(
     native = _native.Dataset([os.fspath(p) for p in paths], llmc_delimiter=llmc_delimiter, max_open_shards=max_open_shards)
     native.validate(check_tokens, vocab_size)
     return TokenDataset(native, ", ".join(os.fspath(p) for p in paths))
+
+
+def check_vocabulary(paths: PathLike | Sequence[PathLike] | dict, vocab_size: int, key: str) -> None:
+    """Raises ``ValueError`` when a shard records a tokenizer vocabulary larger than
+    ``vocab_size`` (the model's embedding table), naming the shard and the config ``key``
+    that listed it. ``paths`` is a path, a list of paths or a ``{path: weight}`` blend."""
+    names = list(paths) if isinstance(paths, (list, tuple, dict)) else [paths]
+    for name in names:
+        for shard_path, _fmt, _dtype, _tokens, shard_vocab in _native.Dataset([os.fspath(name)]).shards():
+            if shard_vocab is not None and shard_vocab > vocab_size:
+                raise ValueError(
+                    f"{shard_path}: tokenized with a vocabulary of {shard_vocab}, larger than the model's "
+                    f"vocab_size {vocab_size} ({key}); set model.vocab_size or use shards of a matching tokenizer"
+                )

@@ -20,9 +20,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ember import _native
 from ember.config import Config, parse_duration
-from ember.data import TokenLoader
+from ember.data import TokenLoader, check_vocabulary
 from ember.data.builtin import STDLIB, stdlib_shards
 from ember.distributed import make_strategy
 from ember.model import Llama, LlamaConfig, apply_activation_checkpointing
@@ -111,24 +110,12 @@ class PretrainingOrchestrator:
             prefetch=d.prefetch,
             pin_memory=s.device.type == "cuda",
         )
-        self._check_vocabulary(train_paths, "data.train")
+        check_vocabulary(train_paths, self.llama_config.vocab_size, "data.train")
         if val_paths:
-            self._check_vocabulary(val_paths, "data.validation")
+            check_vocabulary(val_paths, self.llama_config.vocab_size, "data.validation")
         train = TokenLoader(train_paths, seed=t.seed, shuffle=True, **common)
         val = TokenLoader(val_paths, shuffle=False, **common) if val_paths else None
         return train, val
-
-    def _check_vocabulary(self, paths: Any, key: str) -> None:
-        """Shards that record their tokenizer's vocabulary must fit the model's embedding table."""
-        names = list(paths) if isinstance(paths, (list, dict)) else [paths]
-        vocab = self.llama_config.vocab_size
-        for name in names:
-            for shard_path, _fmt, _dtype, _tokens, shard_vocab in _native.Dataset([str(name)]).shards():
-                if shard_vocab is not None and shard_vocab > vocab:
-                    raise ValueError(
-                        f"{shard_path}: tokenized with a vocabulary of {shard_vocab}, larger than the model's "
-                        f"vocab_size {vocab} ({key}); set model.vocab_size or use shards of a matching tokenizer"
-                    )
 
     def _build_model(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         t = self.config.training
