@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ember.data import ShardFormatError, ShardWriter, TokenLoader, open_dataset
+from ember import _native
+from ember.data import ShardFormatError, ShardWriter, TokenLoader, check_vocabulary, open_dataset
 
 
 def write(path, docs, vocab=1000):
@@ -246,3 +247,118 @@ def test_fingerprint_follows_weights_not_their_scale(tmp_path):
     fp = lambda w: TokenLoader({tmp_path / "a": w[0], tmp_path / "b": w[1]}, seq_len=4, batch_size=8).fingerprint
     assert fp((3, 1)) == fp((0.75, 0.25))
     assert fp((3, 1)) != fp((1, 1))
+
+
+def test_check_vocabulary_names_the_shard_and_the_key(tmp_path):
+    small = write(tmp_path / "small", [[1, 2, 3]], vocab=1000)
+    big = write(tmp_path / "big", [[1, 2, 3]], vocab=50000)
+    check_vocabulary(small, 1000, "data.train")
+    check_vocabulary([small], 32000, "data.train")
+    with pytest.raises(ValueError, match=r"big: tokenized with a vocabulary of 50000.*vocab_size 32000 \(data.train\)"):
+        check_vocabulary(big, 32000, "data.train")
+    with pytest.raises(ValueError, match=r"big: .*\(data.val\)"):
+        check_vocabulary([small, big], 32000, "data.val")
+    with pytest.raises(ValueError, match=r"big: .*\(data.train\)"):
+        check_vocabulary({small: 1.0, big: 2.0}, 32000, "data.train")
+    check_vocabulary({small: 1.0, big: 2.0}, 50000, "data.train")
+
+
+def test_shards_and_documents_are_described_by_name(tmp_path):
+    path = write(tmp_path / "a", [[1, 2, 3], [4, 5]], vocab=1000)
+    native = _native.Dataset([str(path)])
+    (shard,) = native.shards()
+    assert (shard.path, shard.format, shard.dtype, shard.num_tokens, shard.vocab_size) == (path, "ember", "uint16", 5, 1000)
+    assert repr(shard) == f"ShardInfo(path={str(path)!r}, format='ember', dtype='uint16', num_tokens=5, vocab_size=1000)"
+    loc = native.doc_location(1)
+    assert (loc.path, loc.length, loc.dtype) == (str(path), 2, "uint16")
+    assert path.read_bytes()[loc.offset : loc.offset + 4] == np.array([4, 5], "<u2").tobytes()
+    assert repr(loc) == f"DocLocation(path={str(path)!r}, offset={loc.offset}, length=2, dtype='uint16')"
+    with pytest.raises(AttributeError):
+        loc.length = 3
+    with pytest.raises(IndexError, match="out of range for 2 documents"):
+        native.doc_location(2)
+
+
+def test_batches_are_the_memory_the_loader_filled(tmp_path, monkeypatch):
+    stream = np.arange(1000) % 1000
+    write(tmp_path / "a", [stream])
+    given = []
+
+    def spy(*arrays, **named):
+        given.append([*arrays, *named.values()])
+        return real(*arrays, **named)
+
+    real = _native.BatchBuffers
+    monkeypatch.setattr(_native, "BatchBuffers", spy)
+    loader = TokenLoader(tmp_path / "a", seq_len=8, batch_size=2, shuffle=False, prefetch=2, position_ids=True, cu_seqlens=True)
+    batch = next(iter(loader))
+    filled = [a.__array_interface__["data"][0] for a in given[0]]
+    assert filled == [batch[k].data_ptr() for k in ("input_ids", "labels", "position_ids", "cu_seqlens")]
+    assert batch["input_ids"].tolist() == [stream[0:8].tolist(), stream[8:16].tolist()]
+    assert batch["labels"].tolist() == [stream[1:9].tolist(), stream[9:17].tolist()]
+
+
+def arrays(b, seq_len, fill=-1):
+    """int64 input_ids, labels, position_ids and int32 cu_seqlens for a batch of b rows."""
+    tokens = np.full((3, b, seq_len), fill, np.int64)
+    return tokens[0], tokens[1], tokens[2], np.full(b * seq_len + 1, fill, np.int32)
+
+
+def test_native_loader_refuses_arrays_it_cannot_fill(tmp_path):
+    write(tmp_path / "a", [np.arange(1000) % 1000])
+    B, L = 2, 8
+    loader = _native.Loader([([str(tmp_path / "a")], 1.0)], L, B, shuffle=False)
+
+    def refused(error, match, **change):
+        ids, labels, pos, cu = arrays(B, L)
+        given = {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu, **change}
+        with pytest.raises(error, match=match):
+            loader.submit([_native.BatchBuffers(given.pop("input_ids"), given.pop("labels"), **given)])
+
+    backing = np.full(B * L + 8, -1, np.int64)
+    refused(ValueError, r"input_ids: holds 15 values; a batch of 2 rows of 8 tokens needs 16", input_ids=backing[: B * L - 1])
+    assert (backing == -1).all()  # nothing written past the short array
+    refused(ValueError, r"labels: holds 17 values", labels=np.zeros(B * L + 1, np.int64))
+    refused(ValueError, r"cu_seqlens: holds 16 values; .* needs 17", cu_seqlens=np.zeros(B * L, np.int32))
+    refused(ValueError, r"labels: the array is not C-contiguous \(shape \(2, 8\), strides \(128, 16\)\)", labels=np.zeros((B, 2 * L), np.int64)[:, ::2])
+    refused(ValueError, r"position_ids: the array is not C-contiguous", position_ids=np.zeros((L, B), np.int64).T)
+    refused(TypeError, r"labels: expected int64 elements \(typestr '<i8'\), got typestr '<i4'", labels=np.zeros((B, L), np.int32))
+    refused(TypeError, r"cu_seqlens: expected int32 elements", cu_seqlens=np.zeros(B * L + 1, np.int64))
+    refused(TypeError, r"input_ids: expected a writable int64 NumPy array.*got Tensor", input_ids=torch.zeros(B, L, dtype=torch.int64))
+    refused(TypeError, r"labels: .*got bytearray", labels=bytearray(B * L * 8))
+    read_only = np.zeros((B, L), np.int64)
+    read_only.flags.writeable = False
+    refused(ValueError, r"labels: the array is read-only", labels=read_only)
+    unaligned = np.zeros(B * L * 8 + 1, np.uint8)[1:].view(np.int64)
+    refused(ValueError, r"input_ids: address .* is not aligned for int64", input_ids=unaligned)
+    shared = np.zeros((B, L), np.int64)
+    refused(ValueError, r"labels of batch 0 of this call shares memory with input_ids", input_ids=shared, labels=shared)
+    assert loader.planned_position == 0  # a refused call plans nothing
+
+    # Arrays still being filled cannot be handed out again.
+    ids, labels, pos, cu = arrays(B, L)
+    (queued,) = loader.submit([_native.BatchBuffers(ids, labels)])
+    refused(ValueError, r"input_ids of batch 0 of this call shares memory with labels of a batch still queued", input_ids=labels)
+    loader.wait(queued.ticket)
+    assert ids.tolist() == [list(range(0, 8)), list(range(8, 16))]
+
+
+def test_native_loader_fills_the_arrays_in_place(tmp_path):
+    write(tmp_path / "a", [[1, 2, 3], [4, 5], np.arange(6, 40)])
+    B, L = 2, 6
+    loader = _native.Loader([([str(tmp_path / "a")], 1.0)], L, B, shuffle=False)
+    tensors = [torch.from_numpy(a) for a in arrays(B, L)]
+    buffers = _native.BatchBuffers(*(t.numpy() for t in tensors[:2]), position_ids=tensors[2].numpy(), cu_seqlens=tensors[3].numpy())
+    (planned,) = loader.submit([buffers])
+    assert (planned.ticket, planned.rows, planned.start, planned.end) == (0, 2, 0, 2)
+    assert repr(planned) == "PlannedBatch(ticket=0, rows=2, start=0, end=2)"
+    filled = loader.wait(planned.ticket)
+    assert (filled.num_cu_seqlens, filled.max_seqlen) == (5, 6)
+    assert repr(filled) == "FilledBatch(num_cu_seqlens=5, max_seqlen=6)"
+    ids, labels, pos, cu = tensors
+    assert ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]
+    assert labels.tolist() == [[2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+    assert cu[:5].tolist() == [0, 3, 5, 6, 12] and (cu[5:] == -1).all()
+    with pytest.raises(ValueError, match="unknown batch ticket 0"):
+        loader.wait(planned.ticket)

@@ -277,9 +277,10 @@ class HFEncoder(DocumentEncoder):
     def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if self._native is None:
             return self._library_batch(texts)
-        ids, lengths, deferred = self._native.encode_batch(texts, self.prefix, self.suffix)
-        tokens = np.frombuffer(ids, "<u4").astype(np.int64)
-        lengths = np.frombuffer(lengths, "<u8").astype(np.int64)
+        encoded = self._native.encode_batch(texts, self.prefix, self.suffix)
+        tokens = np.frombuffer(encoded.ids, "<u4").astype(np.int64)
+        lengths = np.frombuffer(encoded.lengths, "<u8").astype(np.int64)
+        deferred = encoded.deferred
         if not deferred:
             return tokens, lengths
         with self._count_lock:

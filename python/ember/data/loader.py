@@ -131,7 +131,7 @@ class TokenLoader:
             max_open_shards=max_open_shards,
             llmc_delimiter=llmc_delimiter,
         )
-        self._queue: deque[tuple[int, int, int, dict[str, torch.Tensor]]] = deque()
+        self._queue: deque[tuple[_native.PlannedBatch, dict[str, torch.Tensor]]] = deque()
         self._position = 0  # global samples consumed by the caller
         self._exhausted = False
 
@@ -152,20 +152,18 @@ class TokenLoader:
         if len(self._queue) > self._prefetch // 2:
             return
         groups = [self._buffers() for _ in range(self._prefetch - len(self._queue))]
-        requests = []
-        for bufs in groups:
-            pos, cu = bufs.get("position_ids"), bufs.get("cu_seqlens")
-            requests.append(
-                (
-                    bufs,
-                    bufs["input_ids"].data_ptr(),
-                    bufs["labels"].data_ptr(),
-                    None if pos is None else pos.data_ptr(),
-                    None if cu is None else cu.data_ptr(),
-                )
+        # NumPy views share the tensors' memory: the loader threads write into the
+        # tensors themselves, after Rust has checked each view's type and size.
+        requests = [
+            _native.BatchBuffers(
+                bufs["input_ids"].numpy(),
+                bufs["labels"].numpy(),
+                position_ids=bufs["position_ids"].numpy() if "position_ids" in bufs else None,
+                cu_seqlens=bufs["cu_seqlens"].numpy() if "cu_seqlens" in bufs else None,
             )
-        for (ticket, rows, _start, end), bufs in zip(self._native.submit(requests), groups):
-            self._queue.append((ticket, rows, end, bufs))
+            for bufs in groups
+        ]
+        self._queue.extend(zip(self._native.submit(requests), groups))
 
     def __iter__(self) -> TokenLoader:
         if self._exhausted:
@@ -178,16 +176,16 @@ class TokenLoader:
             if not self._queue:
                 self._exhausted = True
                 raise StopIteration
-        ticket, rows, end, bufs = self._queue.popleft()
-        n_cu, max_seqlen = self._native.wait(ticket)
-        self._position = end
+        planned, bufs = self._queue.popleft()
+        filled = self._native.wait(planned.ticket)
+        self._position = planned.end
         self._top_up()
         batch: dict[str, Any] = bufs
-        if rows != self.batch_size:  # only the last batch of a sequential pass without drop_last
-            batch = {k: v[:rows] for k, v in bufs.items()}
+        if planned.rows != self.batch_size:  # only the last batch of a sequential pass without drop_last
+            batch = {k: v[: planned.rows] for k, v in bufs.items()}
         if self._want_cu_seqlens:
-            batch["cu_seqlens"] = bufs["cu_seqlens"][:n_cu]
-            batch["max_seqlen"] = max_seqlen
+            batch["cu_seqlens"] = bufs["cu_seqlens"][: filled.num_cu_seqlens]
+            batch["max_seqlen"] = filled.max_seqlen
         return batch
 
     def __len__(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +77,11 @@ class TokenDataset(Sequence):
         self._len: int | None = None
         self._maps: OrderedDict[str, np.memmap] = OrderedDict()
         shards = native.shards()
-        self.shards = [Path(s[0]) for s in shards]
-        self.format = shards[0][1] if len({s[1] for s in shards}) == 1 else "mixed"
-        self.dtype = np.result_type(*{np.dtype(s[2]) for s in shards})
-        vocabs = {s[4] for s in shards}
+        self.shards = [s.path for s in shards]
+        formats = {s.format for s in shards}
+        self.format = formats.pop() if len(formats) == 1 else "mixed"
+        self.dtype = np.result_type(*{np.dtype(s.dtype) for s in shards})
+        vocabs = {s.vocab_size for s in shards}
         self.vocab_size: int | None = vocabs.pop() if len(vocabs) == 1 else None
 
     @property
@@ -111,13 +112,13 @@ class TokenDataset(Sequence):
             i += n
         if not 0 <= i < n:
             raise IndexError(f"{self.name}: document index {i} is out of range for {n} documents")
-        path, offset, length, dtype = self._native.doc_location(int(i))
-        dt = np.dtype(dtype)
-        if length == 0:  # also covers token files too empty to map
+        loc = self._native.doc_location(int(i))
+        dt = np.dtype(loc.dtype)
+        if loc.length == 0:  # also covers token files too empty to map
             empty = np.empty(0, dtype=dt)
             empty.flags.writeable = False
             return empty
-        raw = self._map(os.fspath(path))[offset : offset + length * dt.itemsize]
+        raw = self._map(loc.path)[loc.offset : loc.offset + loc.length * dt.itemsize]
         return raw.view(dtype=dt, type=np.ndarray)
 
     def validate(self, *, check_tokens: bool = True, vocab_size: int | None = None) -> None:
@@ -154,15 +155,16 @@ def open_dataset(
     return TokenDataset(native, ", ".join(os.fspath(p) for p in paths))
 
 
-def check_vocabulary(paths: PathLike | Sequence[PathLike] | dict, vocab_size: int, key: str) -> None:
+def check_vocabulary(paths: PathLike | Sequence[PathLike] | Mapping[PathLike, float], vocab_size: int, key: str) -> None:
     """Raises ``ValueError`` when a shard records a tokenizer vocabulary larger than
     ``vocab_size`` (the model's embedding table), naming the shard and the config ``key``
-    that listed it. ``paths`` is a path, a list of paths or a ``{path: weight}`` blend."""
-    names = list(paths) if isinstance(paths, (list, tuple, dict)) else [paths]
+    that listed it. ``paths`` is a path, a list of paths or a ``{path: weight}`` blend,
+    as ``TokenLoader`` takes them."""
+    names = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     for name in names:
-        for shard_path, _fmt, _dtype, _tokens, shard_vocab in _native.Dataset([os.fspath(name)]).shards():
-            if shard_vocab is not None and shard_vocab > vocab_size:
+        for shard in _native.Dataset([os.fspath(name)]).shards():
+            if shard.vocab_size is not None and shard.vocab_size > vocab_size:
                 raise ValueError(
-                    f"{shard_path}: tokenized with a vocabulary of {shard_vocab}, larger than the model's "
+                    f"{shard.path}: tokenized with a vocabulary of {shard.vocab_size}, larger than the model's "
                     f"vocab_size {vocab_size} ({key}); set model.vocab_size or use shards of a matching tokenizer"
                 )

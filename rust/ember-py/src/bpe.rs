@@ -29,6 +29,28 @@ fn le_bytes<'py, T: Copy, const N: usize>(py: Python<'py>, values: &[T], to_le: 
     })
 }
 
+/// What `BpeEncoder.encode_batch` returns. The ids come as bytes so that NumPy
+/// reads them with `frombuffer`, without a Python int per token.
+#[pyclass(module = "ember._native", frozen, get_all)]
+pub struct EncodedBatch {
+    /// Every document's ids, one after another, as little-endian uint32.
+    ids: Py<PyBytes>,
+    /// Each document's length in ids, as little-endian uint64.
+    lengths: Py<PyBytes>,
+    /// Indices of the documents left undone (length 0) because they hold an
+    /// added token's text: the caller encodes those itself.
+    deferred: Vec<usize>,
+}
+
+#[pymethods]
+impl EncodedBatch {
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let n = self.lengths.bind(py).as_bytes().len() / 8;
+        let ids = self.ids.bind(py).as_bytes().len() / 4;
+        format!("EncodedBatch(documents={n}, ids={ids}, deferred={:?})", self.deferred)
+    }
+}
+
 #[pyclass(module = "ember._native", frozen)]
 pub struct BpeEncoder {
     inner: Encoder,
@@ -126,23 +148,15 @@ impl BpeEncoder {
         Self::build(py, vocab, merges, pattern, ignore_merges, added)
     }
 
-    /// Returns (ids as little-endian uint32 bytes, lengths as little-endian uint64
-    /// bytes, indices of the documents left undone because they hold an added token).
-    /// Runs without the GIL.
+    /// Encodes `texts`, each between `prefix` and `suffix`, without the GIL.
     #[pyo3(signature = (texts, prefix=Vec::new(), suffix=Vec::new()))]
-    fn encode_batch<'py>(
-        &self,
-        py: Python<'py>,
-        texts: Vec<String>,
-        prefix: Vec<u32>,
-        suffix: Vec<u32>,
-    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Vec<usize>)> {
+    fn encode_batch(&self, py: Python<'_>, texts: Vec<String>, prefix: Vec<u32>, suffix: Vec<u32>) -> PyResult<EncodedBatch> {
         let batch = py.detach(|| self.inner.encode_batch(&texts, &prefix, &suffix));
-        Ok((
-            le_bytes(py, &batch.ids, u32::to_le_bytes)?,
-            le_bytes(py, &batch.lengths, u64::to_le_bytes)?,
-            batch.deferred,
-        ))
+        Ok(EncodedBatch {
+            ids: le_bytes(py, &batch.ids, u32::to_le_bytes)?.unbind(),
+            lengths: le_bytes(py, &batch.lengths, u64::to_le_bytes)?.unbind(),
+            deferred: batch.deferred,
+        })
     }
 
     /// The ids of one text, without special tokens (added tokens' text included as plain text).

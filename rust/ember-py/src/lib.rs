@@ -1,21 +1,25 @@
 //! `ember._native`: the Python face of `ember-data`. It converts types,
 //! releases the GIL around work, and maps errors to exceptions; the logic lives
-//! in the core crate. This module is private: `ember.data` wraps it.
+//! in the core crate. This module is private: `ember.data` wraps it, and
+//! `python/ember/_native.pyi` declares what it exports.
 //! `BpeEncoder` does the same for `ember-tok`.
 
 mod bpe;
+mod buffers;
+mod loader;
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use ember_data::{self as core, Error, LoaderOptions, Outputs, ProbeOptions, Ticket};
+use ember_data::{self as core, Error, ProbeOptions, ShardSpec};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyFileNotFoundError, PyIndexError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 
 create_exception!(_native, ShardFormatError, PyValueError, "A shard file is malformed: the message names the file and the offset or field.");
 
-fn to_py(e: Error) -> PyErr {
+pub(crate) fn to_py(e: Error) -> PyErr {
     match &e {
         Error::NotFound { .. } => PyFileNotFoundError::new_err(e.to_string()),
         Error::Invalid(_) => PyValueError::new_err(e.to_string()),
@@ -24,7 +28,7 @@ fn to_py(e: Error) -> PyErr {
     }
 }
 
-fn probe_options(llmc_delimiter: Option<i64>) -> ProbeOptions {
+pub(crate) fn probe_options(llmc_delimiter: Option<i64>) -> ProbeOptions {
     ProbeOptions { llmc_delimiter }
 }
 
@@ -120,24 +124,20 @@ impl Dataset {
     fn num_docs(&self, py: Python<'_>) -> PyResult<u64> {
         py.detach(|| self.source.num_docs()).map_err(to_py)
     }
-    /// Per shard: (path, format, dtype, num_tokens, vocab_size or None).
-    fn shards(&self) -> Vec<(PathBuf, &'static str, &'static str, u64, Option<u64>)> {
-        (0..self.source.num_shards())
-            .map(|i| {
-                let s = self.source.spec(i);
-                (s.path.clone(), s.format.name(), s.dtype.numpy_name(), s.num_tokens, s.vocab_size)
-            })
-            .collect()
+    /// One `ShardInfo` per shard, in stream order.
+    fn shards(&self) -> Vec<ShardInfo> {
+        (0..self.source.num_shards()).map(|i| ShardInfo { spec: self.source.spec(i).clone() }).collect()
     }
-    /// Document `i`: (file holding its tokens, byte offset, length in tokens, dtype).
-    fn doc_location(&self, i: u64) -> PyResult<(PathBuf, u64, u64, &'static str)> {
+    /// Where document `i` lies, for a zero-copy view of the mapped file.
+    fn doc_location(&self, i: u64) -> PyResult<DocLocation> {
         let n = self.source.num_docs().map_err(to_py)?;
         if i >= n {
             return Err(PyIndexError::new_err(format!("document index {i} is out of range for {n} documents")));
         }
-        let (si, start, len) = self.source.doc_location(i).map_err(to_py)?;
-        let spec = self.source.spec(si);
-        Ok((spec.token_path.clone(), spec.token_offset + start * spec.dtype.size() as u64, len, spec.dtype.numpy_name()))
+        let (si, start, length) = self.source.doc_location(i).map_err(to_py)?;
+        let spec = self.source.spec(si).clone();
+        let offset = spec.token_offset + start * spec.dtype.size() as u64;
+        Ok(DocLocation { spec, offset, length })
     }
     #[pyo3(signature = (check_tokens=false, vocab_size=None))]
     fn validate(&self, py: Python<'_>, check_tokens: bool, vocab_size: Option<u64>) -> PyResult<()> {
@@ -151,144 +151,94 @@ impl Dataset {
     }
 }
 
-/// The batch pipeline. Python allocates the output tensors and passes their
-/// addresses; this object keeps a reference to them until their batch is done.
-#[pyclass(module = "ember._native")]
-struct Loader {
-    // Declared first so it drops first: dropping it finishes every queued fill
-    // before the buffers below are released.
-    inner: core::Loader,
-    pending: HashMap<u64, (Ticket, Py<PyAny>)>,
-    next_id: u64,
+/// `path` as Python's `repr` writes a string.
+fn quoted(py: Python<'_>, path: &Path) -> PyResult<String> {
+    Ok(path.into_pyobject(py)?.str()?.repr()?.to_string())
+}
+
+/// One shard of a `Dataset`, as its header describes it.
+#[pyclass(module = "ember._native", frozen)]
+struct ShardInfo {
+    spec: Arc<ShardSpec>,
 }
 
 #[pymethods]
-impl Loader {
-    #[new]
-    #[pyo3(signature = (datasets, seq_len, batch_size, *, rank=0, world_size=1, seed=0, shuffle=true, drop_last=true, num_threads=2, max_open_shards=4096, llmc_delimiter=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        py: Python<'_>,
-        datasets: Vec<(Vec<PathBuf>, f64)>,
-        seq_len: usize,
-        batch_size: usize,
-        rank: usize,
-        world_size: usize,
-        seed: u64,
-        shuffle: bool,
-        drop_last: bool,
-        num_threads: usize,
-        max_open_shards: usize,
-        llmc_delimiter: Option<i64>,
-    ) -> PyResult<Self> {
-        let opts = LoaderOptions {
-            seq_len,
-            batch_size,
-            rank,
-            world_size,
-            seed,
-            shuffle,
-            drop_last,
-            num_threads,
-            max_open_shards,
-            probe: probe_options(llmc_delimiter),
-        };
-        let inner = py.detach(|| core::Loader::new(datasets, opts)).map_err(to_py)?;
-        Ok(Loader { inner, pending: HashMap::new(), next_id: 0 })
-    }
-
-    /// Plans the next batches and queues them, as one group, to be written into
-    /// the given buffers. Each entry is (keepalive, input_ids, labels,
-    /// position_ids, cu_seqlens): addresses of int64 / int32 memory sized for
-    /// `batch_size` rows, and an object holding that memory. Returns
-    /// (ticket, rows, start, end) per planned batch: fewer than given at the end
-    /// of a sequential pass.
-    #[allow(clippy::type_complexity)]
-    fn submit(&mut self, batches: Vec<(Py<PyAny>, usize, usize, Option<usize>, Option<usize>)>) -> Vec<(u64, usize, u64, u64)> {
-        let mut group = Vec::with_capacity(batches.len());
-        let mut planned = Vec::with_capacity(batches.len());
-        for (keepalive, input_ids, labels, position_ids, cu_seqlens) in batches {
-            let Some(plan) = self.inner.next_plan() else { break };
-            let out = Outputs {
-                input_ids: input_ids as *mut i64,
-                labels: labels as *mut i64,
-                position_ids: position_ids.map(|p| p as *mut i64),
-                cu_seqlens: cu_seqlens.map(|p| p as *mut i32),
-            };
-            planned.push((keepalive, plan.samples.len(), plan.start, plan.end));
-            group.push((plan, out));
-        }
-        if group.is_empty() {
-            return Vec::new();
-        }
-        // SAFETY: the Python wrapper allocates these buffers for batch_size rows,
-        // and `pending` holds each keepalive until `wait` or drop.
-        let tickets = unsafe { self.inner.submit_group(group) };
-        let mut out = Vec::with_capacity(tickets.len());
-        for (ticket, (keepalive, rows, start, end)) in tickets.into_iter().zip(planned) {
-            let id = self.next_id;
-            self.next_id += 1;
-            self.pending.insert(id, (ticket, keepalive));
-            out.push((id, rows, start, end));
-        }
-        out
-    }
-
-    /// Blocks, without the GIL, until batch `ticket` is written.
-    /// Returns (entries written to cu_seqlens, longest document segment).
-    fn wait(&mut self, py: Python<'_>, ticket: u64) -> PyResult<(usize, usize)> {
-        let (t, keep) = self.pending.remove(&ticket).ok_or_else(|| PyValueError::new_err(format!("unknown batch ticket {ticket}")))?;
-        let r = py.detach(|| t.wait());
-        drop(keep);
-        let f = r.map_err(to_py)?;
-        Ok((f.num_cu_seqlens, f.max_seqlen))
-    }
-
-    /// Waits for every queued batch and forgets them.
-    fn cancel_all(&mut self, py: Python<'_>) {
-        let pending: Vec<_> = self.pending.drain().collect();
-        py.detach(|| pending.into_iter().for_each(|(_, (t, _))| drop(t.wait())));
-    }
-
-    /// Repositions the stream at global sample `position`; queued batches are dropped.
-    fn seek(&mut self, py: Python<'_>, position: u64) {
-        self.cancel_all(py);
-        self.inner.seek(position);
-    }
-
+impl ShardInfo {
+    /// The path that names the shard (for Megatron, the `.idx` file).
     #[getter]
-    fn fingerprint(&self) -> String {
-        format!("{:016x}", self.inner.fingerprint())
+    fn path(&self) -> &PathBuf {
+        &self.spec.path
     }
     #[getter]
-    fn planned_position(&self) -> u64 {
-        self.inner.planned_position()
+    fn format(&self) -> &'static str {
+        self.spec.format.name()
     }
     #[getter]
-    fn num_batches(&self) -> Option<u64> {
-        self.inner.num_batches()
+    fn dtype(&self) -> &'static str {
+        self.spec.dtype.numpy_name()
     }
     #[getter]
-    fn sizes(&self) -> Vec<u64> {
-        self.inner.sizes()
+    fn num_tokens(&self) -> u64 {
+        self.spec.num_tokens
     }
+    /// The tokenizer vocabulary size the shard records; None where the format has none.
     #[getter]
-    fn num_tokens(&self) -> Vec<u64> {
-        self.inner.sources().iter().map(|s| s.num_tokens()).collect()
+    fn vocab_size(&self) -> Option<u64> {
+        self.spec.vocab_size
     }
-    /// Shards mapped right now, over all datasets.
-    #[getter]
-    fn num_open(&self) -> usize {
-        self.inner.sources().iter().map(|s| s.num_open()).sum()
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let s = &self.spec;
+        let vocab = s.vocab_size.map_or_else(|| "None".to_owned(), |v| v.to_string());
+        Ok(format!(
+            "ShardInfo(path={}, format='{}', dtype='{}', num_tokens={}, vocab_size={vocab})",
+            quoted(py, &s.path)?,
+            s.format.name(),
+            s.dtype.numpy_name(),
+            s.num_tokens
+        ))
     }
 }
 
-impl Drop for Loader {
-    fn drop(&mut self) {
-        // Buffers must outlive their fills even if Python never called `wait`.
-        for (_, (t, _)) in self.pending.drain() {
-            let _ = t.wait();
-        }
+/// Where one document's tokens lie: `length` values of `dtype` from byte `offset` of `path`.
+// Built for every `TokenDataset[i]`: it shares the shard's description rather
+// than copying the path, and converts fields only when Python reads them.
+#[pyclass(module = "ember._native", frozen)]
+struct DocLocation {
+    spec: Arc<ShardSpec>,
+    offset: u64,
+    length: u64,
+}
+
+#[pymethods]
+impl DocLocation {
+    /// The file that holds the tokens (for Megatron, the `.bin` file), as a `str`:
+    /// building a `pathlib.Path` would double the cost of `TokenDataset[i]`.
+    #[getter(path)]
+    fn token_path(&self) -> &OsStr {
+        self.spec.token_path.as_os_str()
+    }
+    /// Byte offset of the document's first token in `path`.
+    #[getter]
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// Length in tokens.
+    #[getter]
+    fn length(&self) -> u64 {
+        self.length
+    }
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.spec.dtype.numpy_name()
+    }
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "DocLocation(path={}, offset={}, length={}, dtype='{}')",
+            quoted(py, &self.spec.token_path)?,
+            self.offset,
+            self.length,
+            self.spec.dtype.numpy_name()
+        ))
     }
 }
 
@@ -296,8 +246,14 @@ impl Drop for Loader {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ShardWriter>()?;
     m.add_class::<Dataset>()?;
-    m.add_class::<Loader>()?;
+    m.add_class::<ShardInfo>()?;
+    m.add_class::<DocLocation>()?;
+    m.add_class::<loader::Loader>()?;
+    m.add_class::<loader::BatchBuffers>()?;
+    m.add_class::<loader::PlannedBatch>()?;
+    m.add_class::<loader::FilledBatch>()?;
     m.add_class::<bpe::BpeEncoder>()?;
+    m.add_class::<bpe::EncodedBatch>()?;
     m.add_function(wrap_pyfunction!(bpe::jsonl_texts, m)?)?;
     m.add("SUPPORTED_PRETOKENIZER_PATTERNS", bpe::SUPPORTED_PATTERNS.to_vec())?;
     m.add("ShardFormatError", m.py().get_type::<ShardFormatError>())?;
