@@ -46,7 +46,7 @@ def test_size_selects_a_preset_and_explicit_fields_override_it():
 @pytest.mark.parametrize("name", sorted(builtin_configs()))
 def test_every_shipped_config_loads(name):
     cfg = load_config(name)
-    if cfg.model.init_from is None:  # otherwise the architecture is read from the checkpoint, at training time
+    if cfg.model.init_from is None:  # otherwise the architecture is read from the checkpoint when the orchestrator is built
         cfg.model.llama_config()
     assert cfg.run_name == name
     # The saved form loads back to the same config.
@@ -153,3 +153,33 @@ def test_more_mistakes_caught_before_training(tmp_path, monkeypatch):
         load_config("somedir")
     (tmp_path / "quickstart").mkdir()  # a folder named like a built-in config does not shadow it
     assert load_config("quickstart").run_name == "quickstart"
+
+
+def test_fsdp_activation_checkpointing_is_an_alias_of_the_model_key():
+    base = {"model": {"preset": "tiny"}, "data": {"train": "x", "seq_len": 32}}
+    fsdp = {"activation_checkpointing": True, "activation_checkpointing_policy": "selective"}
+    cfg = config_from_dict({**base, "distributed": {"strategy": "fsdp", "fsdp_config": fsdp}})
+    assert cfg.model.activation_checkpointing == "selective" and cfg.activation_checkpointing == "selective"
+    # Saved under its one key, and read back to the same run.
+    saved = cfg.to_dict()
+    assert saved["model"]["activation_checkpointing"] == "selective"
+    assert saved["distributed"]["fsdp_config"]["activation_checkpointing"] is False
+    assert config_from_dict(saved).activation_checkpointing == "selective"
+    # The guide's "contiguous" is Ember's "full".
+    cfg = config_from_dict({**base, "distributed": {"fsdp_config": {"activation_checkpointing": True, "activation_checkpointing_policy": "contiguous"}}})
+    assert cfg.activation_checkpointing == "full"
+
+
+def test_both_activation_checkpointing_keys_are_refused_when_the_config_is_read():
+    raw = {
+        "model": {"preset": "tiny", "activation_checkpointing": "full"},
+        "data": {"train": "x", "seq_len": 32},
+        "distributed": {"fsdp_config": {"activation_checkpointing": True}},
+    }
+    with pytest.raises(ConfigError, match=r"model\.activation_checkpointing.*distributed\.fsdp_config\.activation_checkpointing.*give only one"):
+        config_from_dict(raw)
+    # Set in code after the config was read, a disagreement is still caught before training starts.
+    cfg = config_from_dict({**raw, "distributed": {}})
+    cfg.distributed.fsdp_config.activation_checkpointing = "selective"
+    with pytest.raises(ValueError, match="give only one"):
+        cfg.activation_checkpointing

@@ -598,26 +598,30 @@ def test_config_data_prepare_for_prepare_and_train(tmp_path, texts, ember):
     assert rc == 2 and "data.prepare section" in err
 
     from ember.config import load_config
+    from ember.train.data import prepared_data_paths
 
     # What `ember train` does with data.prepare: use the finished output as it is ...
     config = load_config(cfg, ["data.prepare.shard_tokens=5000"])
     mtime = (tmp_path / "tokens" / "manifest.json").stat().st_mtime_ns
-    train, val = prep.prepared_data_paths(config.data)
+    train, val = prepared_data_paths(config.data)
     assert (train, val) == (str(tmp_path / "tokens" / "train"), str(tmp_path / "tokens" / "validation"))
     assert (tmp_path / "tokens" / "manifest.json").stat().st_mtime_ns == mtime
     # ... refuse it when the config asks for something else ...
     with pytest.raises(PrepareError, match=r"shard_tokens 5000 -> 100000000.*--overwrite"):
-        prep.prepared_data_paths(load_config(cfg).data)
+        prepared_data_paths(load_config(cfg).data)
     # ... and prepare it first when it does not exist yet.
     fresh = load_config(cfg, [f"data.prepare.output={tmp_path / 'fresh'}", "data.prepare.validation_fraction=0"])
-    train, val = prep.prepared_data_paths(fresh.data)
+    train, val = prepared_data_paths(fresh.data)
     assert val is None and len(open_dataset(train)) == 10
 
 
 def test_train_with_data_prepare_and_the_builtin_validation_corpus(tmp_path, texts):
     """data.prepare gives the training shards; data.validation may still name builtin:stdlib."""
+    import torch
+
     from ember.config import config_from_dict
-    from ember.train import PretrainingOrchestrator
+    from ember.distributed.single import SingleDeviceStrategy
+    from ember.train.data import data_paths
 
     write_txt_files(tmp_path / "corpus", texts[:10])
     config = config_from_dict(
@@ -632,7 +636,7 @@ def test_train_with_data_prepare_and_the_builtin_validation_corpus(tmp_path, tex
             "logging": {"run_dir": str(tmp_path / "runs"), "progress_bar": False},
         }
     )
-    train, val = PretrainingOrchestrator(config)._data_paths()
+    train, val = data_paths(config, SingleDeviceStrategy(torch.device("cpu")))
     assert train == str(tmp_path / "tokens" / "train")
     assert Path(val).is_dir() and Path(val).is_relative_to(tmp_path / "cache") and len(open_dataset(val)) > 0
 

@@ -185,3 +185,48 @@ def test_train_prepares_data_named_in_the_config_first(tmp_path):
     assert summary["steps"] == 3 and "val_loss" in summary
     manifest = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
     assert manifest["splits"]["validation"]["documents"] == 5
+
+
+def test_derived_fields_exist_before_train(tmp_path, corpus):
+    """export_hf and evaluate read the architecture and precision: they are set when the orchestrator is built."""
+    config = config_from_dict(small_config(tmp_path, corpus, model={"activation_checkpointing": "selective"}))
+    orchestrator = PretrainingOrchestrator(config)
+    assert orchestrator.llama_config == config.model.llama_config()
+    assert orchestrator.precision == "fp32"  # auto on the CPU
+    assert orchestrator.plan.activation_checkpointing == "selective"
+    assert not (tmp_path / "runs").exists()  # building the orchestrator writes nothing
+
+
+def test_train_state_round_trips_through_its_state_dict(tmp_path, corpus):
+    """What a checkpoint holds beside the model: step, tokens, schedule, loader position, scaler, RNG."""
+    import torch
+
+    config = config_from_dict(small_config(tmp_path, corpus))
+    first = PretrainingOrchestrator(config)
+    state = first.build_state()
+    batches = iter(state.loader)
+    for _ in range(3):
+        first.train_step(state, batches)
+    saved = state.state_dict()
+    assert (saved["step"], saved["tokens_seen"]) == (3, 3 * 4 * 64)
+    expected_lr = state.scheduler.get_last_lr()
+    expected_batch = next(batches)["input_ids"]
+    expected_draw = torch.rand(3)
+
+    second = PretrainingOrchestrator(config)
+    fresh = second.build_state()
+    fresh.load_state_dict(saved)
+    assert (fresh.step, fresh.tokens_seen) == (3, 3 * 4 * 64)
+    assert fresh.scheduler.get_last_lr() == expected_lr
+    assert torch.equal(next(iter(fresh.loader))["input_ids"], expected_batch)
+    assert torch.equal(torch.rand(3), expected_draw)
+
+
+def test_grad_norm_the_strategy_does_not_report_is_not_logged(tmp_path, corpus, monkeypatch):
+    """A strategy without a gradient norm (DeepSpeed when it computes none) logs no grad_norm, never a made-up one."""
+    from ember.distributed.single import SingleDeviceStrategy
+
+    monkeypatch.setattr(SingleDeviceStrategy, "clip_grad_norm", lambda self, max_norm: None)
+    summary = PretrainingOrchestrator(config_from_dict(small_config(tmp_path, corpus, training={"max_steps": 2}))).train()
+    steps = [m for m in metrics(Path(summary["run_dir"])) if "loss" in m]
+    assert len(steps) == 2 and all("grad_norm" not in m for m in steps)

@@ -52,7 +52,7 @@ _PREPARE_OPTIONS = ("output", "tokenizer", "shard_tokens", "validation_fraction"
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import time
 
-    from ember.data.prepare import prepare, prepare_from_config
+    from ember.data.prepare import PrepareError, prepare
 
     sources = list(args.sources)
     t0 = time.perf_counter()
@@ -67,8 +67,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         if bad:
             raise ValueError(f"expected overrides of the form data.prepare.key=value after the config, got {' '.join(bad)!r}")
         config = load_config(sources[0], sources[1:])
-        manifest = prepare_from_config(config.data, workers=args.workers, overwrite=args.overwrite, progress=progress,
-                                       native_bpe=not args.library_tokenizer)
+        if not config.data.prepare.inputs:
+            raise PrepareError("the config has no data.prepare section (data.prepare.inputs and data.prepare.output)")
+        workers = args.workers if args.workers is not None else config.data.prepare.workers
+        manifest = prepare(**config.data.prepare_arguments(), workers=workers, overwrite=args.overwrite, progress=progress,
+                           native_bpe=not args.library_tokenizer)
         output = config.data.prepare.output
     else:
         if args.output is None:

@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ember.compat import AC_POLICIES, SIZE_PRESETS
 from ember.model.config import PRESETS, LlamaConfig
 
 
@@ -34,15 +35,6 @@ class ConfigError(ValueError):
         lines += [f"  {key or '<top level>'}: {msg}" for key, msg in problems]
         super().__init__("\n".join(lines))
 
-
-# Model sizes as the user's guide writes them (``type: llama``, ``size: 7B``).
-SIZE_PRESETS = {
-    "1b": "llama3.2-1b",
-    "3b": "llama3.2-3b",
-    "7b": "llama2-7b",
-    "8b": "llama3.1-8b",
-    "70b": "llama3.1-70b",
-}
 
 ARCH_FIELDS = {f.name for f in dataclasses.fields(LlamaConfig)}
 
@@ -135,16 +127,46 @@ class DataSection:
     cache_dir: str = "data"  # where built-in corpora are tokenized to
     prepare: PrepareSection = field(default_factory=PrepareSection)
 
+    def prepare_arguments(self) -> dict[str, Any]:
+        """``data.prepare`` as the keyword arguments of :func:`ember.data.prepare.prepare`
+        (``workers`` aside); its tokenizer defaults to ``data.tokenizer``."""
+        p = self.prepare
+        return {
+            "inputs": [p.inputs] if isinstance(p.inputs, str) else list(p.inputs),
+            "output": p.output,
+            "tokenizer": p.tokenizer or self.tokenizer,
+            "shard_tokens": p.shard_tokens,
+            "validation_fraction": p.validation_fraction,
+            "validation_count": p.validation_count,
+            "bos": p.bos,
+            "eos": p.eos,
+            "text_field": p.text_field,
+            "txt_mode": p.txt_mode,
+            "skip_bad": p.skip_bad,
+        }
+
 
 @dataclass
 class FSDPSection:
     sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = "FULL_SHARD"
     mixed_precision: bool = True
+    # An alias of model.activation_checkpointing, resolved when the config is read.
     activation_checkpointing: bool | str = False
     activation_checkpointing_policy: str | None = None
     cpu_offload: bool = False
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     replicate_degree: int | None = None  # HYBRID_SHARD: ranks per replica group
+
+
+    def activation_checkpointing_mode(self) -> str:
+        """What ``activation_checkpointing`` (+ ``_policy``) asks for: none, full or selective."""
+        ac = self.activation_checkpointing
+        if ac is False or ac == "none":
+            return "none"
+        name = self.activation_checkpointing_policy or ("full" if ac is True else str(ac))
+        if name not in AC_POLICIES:
+            raise ValueError(f"unknown policy {name!r}; known: {', '.join(AC_POLICIES)}")
+        return AC_POLICIES[name]
 
 
 @dataclass
@@ -194,11 +216,26 @@ class Config:
     logging: LoggingSection = field(default_factory=LoggingSection)
     source: str | None = field(default=None, compare=False)
 
+    @property
+    def activation_checkpointing(self) -> str:
+        """The run's activation-checkpointing mode (none, full or selective): ``model.activation_checkpointing``
+        or its alias ``distributed.fsdp_config.activation_checkpointing`` (+ ``_policy``). Raises
+        ``ValueError`` naming both keys when they ask for different things."""
+        model_mode = self.model.activation_checkpointing
+        fsdp_mode = self.distributed.fsdp_config.activation_checkpointing_mode()
+        if "none" not in (model_mode, fsdp_mode) and model_mode != fsdp_mode:
+            raise ValueError(_AC_CONFLICT.format(model_mode, fsdp_mode))
+        return fsdp_mode if model_mode == "none" else model_mode
+
     def to_dict(self) -> dict[str, Any]:
+        """Plain data that :func:`config_from_dict` reads back to an equal config; the
+        activation-checkpointing alias is written under its one key, ``model.activation_checkpointing``."""
         d = dataclasses.asdict(self)
         d.pop("source")
         arch = d["model"].pop("arch")
         d["model"].update(arch)
+        d["model"]["activation_checkpointing"] = self.activation_checkpointing
+        d["distributed"]["fsdp_config"].update(activation_checkpointing=False, activation_checkpointing_policy=None)
         d["training"]["betas"] = list(d["training"]["betas"])
         return d
 
@@ -358,13 +395,36 @@ def parse_duration(value: str | float | int) -> float:
     return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
 
 
+_AC_CONFLICT = (
+    "model.activation_checkpointing ({!r}) and distributed.fsdp_config.activation_checkpointing ({!r}) "
+    "are two names for one setting; give only one"
+)
+
+
+def _resolve_aliases(cfg: Config) -> list[tuple[str, str]]:
+    """Moves ``distributed.fsdp_config.activation_checkpointing`` (+ ``_policy``) to
+    ``model.activation_checkpointing``, so every strategy reads one key."""
+    m, f = cfg.model, cfg.distributed.fsdp_config
+    try:
+        mode = f.activation_checkpointing_mode()
+    except ValueError as e:
+        key = "activation_checkpointing_policy" if f.activation_checkpointing_policy else "activation_checkpointing"
+        return [(f"distributed.fsdp_config.{key}", str(e))]
+    if mode == "none":
+        return []
+    if m.activation_checkpointing != "none":
+        return [("model.activation_checkpointing", _AC_CONFLICT.format(m.activation_checkpointing, mode))]
+    m.activation_checkpointing = mode  # type: ignore[assignment]
+    return []
+
+
 def _validate(cfg: Config) -> list[tuple[str, str]]:
     p: list[tuple[str, str]] = []
     m, t, d, c, lg = cfg.model, cfg.training, cfg.data, cfg.checkpoint, cfg.logging
 
     name = m.preset_name()
     if m.init_from is not None:
-        pass  # the architecture comes from the checkpoint's config.json, read when training starts
+        pass  # the architecture comes from the checkpoint's config.json, read when the orchestrator is built
     elif m.preset is not None and m.size is not None:
         p.append(("model.size", f"give model.preset or model.size, not both (preset {m.preset!r}, size {m.size!r})"))
     elif m.preset is not None and m.preset not in PRESETS:
@@ -509,7 +569,7 @@ def config_from_dict(raw: dict[str, Any] | None, source: str | None = None) -> C
     # Cross-field checks run on what could be read, so one pass reports everything;
     # a key already reported is not reported again.
     reported = {k for k, _ in problems}
-    problems += [(k, m) for k, m in _validate(cfg) if k not in reported]
+    problems += [(k, m) for k, m in _resolve_aliases(cfg) + _validate(cfg) if k not in reported]
     if problems:
         raise ConfigError(problems, source)
     return cfg

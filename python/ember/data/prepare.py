@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -45,10 +45,7 @@ from ember.data.readers import (
 )
 from ember.data.shards import ShardWriter, open_dataset
 
-if TYPE_CHECKING:
-    from ember.config import DataSection
-
-__all__ = ["PrepareError", "prepare", "prepare_from_config", "prepared_data_paths"]
+__all__ = ["PrepareError", "ensure_prepared", "prepare"]
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 MANIFEST = "manifest.json"
@@ -112,15 +109,15 @@ def option_problems(
 
 def make_options(
     *,
-    tokenizer: str | os.PathLike,
-    shard_tokens: int,
-    validation_fraction: float | None,
-    validation_count: int | None,
-    bos: bool | None,
-    eos: bool | None,
-    text_field: str,
-    txt_mode: str,
-    skip_bad: bool,
+    tokenizer: str | os.PathLike = "byte",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    validation_fraction: float | None = None,
+    validation_count: int | None = None,
+    bos: bool | None = None,
+    eos: bool | None = None,
+    text_field: str = "text",
+    txt_mode: str = "file",
+    skip_bad: bool = False,
     workers: int | None = None,
 ) -> PrepareOptions:
     """Checks prepare's arguments (raising :class:`PrepareError` listing every problem) and normalises them."""
@@ -556,6 +553,10 @@ def _make_bar(total: int, initial: int, progress: bool | None) -> Any:
     )
 
 
+def _input_specs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    return [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(i) for i in inputs]
+
+
 def prepare(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     output: str | os.PathLike,
@@ -605,7 +606,7 @@ def prepare(
     An output left by an interrupted run is resumed when the inputs and options are
     unchanged. Problems raise :class:`PrepareError` (a ``ValueError``) saying where.
     """
-    specs = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(i) for i in inputs]
+    specs = _input_specs(inputs)
     options = make_options(
         tokenizer=tokenizer,
         shard_tokens=shard_tokens,
@@ -645,65 +646,33 @@ def prepare(
     return manifest
 
 
-# -- from a config ----------------------------------------------------------------
+# -- for a training run ------------------------------------------------------------
 
 
-def _config_kwargs(data: DataSection) -> dict[str, Any]:
-    p = data.prepare
-    return {
-        "inputs": [p.inputs] if isinstance(p.inputs, str) else list(p.inputs),
-        "output": p.output,
-        "tokenizer": p.tokenizer or data.tokenizer,
-        "shard_tokens": p.shard_tokens,
-        "validation_fraction": p.validation_fraction,
-        "validation_count": p.validation_count,
-        "bos": p.bos,
-        "eos": p.eos,
-        "text_field": p.text_field,
-        "txt_mode": p.txt_mode,
-        "skip_bad": p.skip_bad,
-    }
+def ensure_prepared(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str | os.PathLike, *, workers: int | None = None,
+                    progress: bool | None = None, **options: Any) -> dict[str, Any]:
+    """The manifest of ``output``, preparing it first unless it is finished (an interrupted
+    one is resumed). ``options`` are :func:`prepare`'s.
 
-
-def prepare_from_config(data: DataSection, *, workers: int | None = None, overwrite: bool = False,
-                        progress: bool | None = None, native_bpe: bool = True) -> dict[str, Any]:
-    """``ember prepare CONFIG``: prepares what ``data.prepare`` names."""
-    if not data.prepare.inputs:
-        raise PrepareError("the config has no data.prepare section (data.prepare.inputs and data.prepare.output)")
-    return prepare(**_config_kwargs(data), workers=workers if workers is not None else data.prepare.workers,
-                   overwrite=overwrite, progress=progress, native_bpe=native_bpe)
-
-
-def prepared_data_paths(data: DataSection, *, progress: bool | None = None) -> tuple[Any, Any]:
-    """For ``ember train``: the train and validation paths of ``data.prepare``'s output,
-    preparing it first unless it is finished (an interrupted one is resumed).
-
-    A finished output is used as it is, after checking that it was made from the inputs,
-    tokenizer and options the config names (input files are not looked at, so the
-    corpus need not be on the training machines). ``data.train`` and
-    ``data.validation``, when given, take precedence over the prepared paths.
+    A finished output is used as it is, after checking that it was made from these inputs
+    and options (input files are not looked at, so the corpus need not be on the training
+    machines); one made otherwise raises :class:`PrepareError` listing the differences.
     """
-    kwargs = _config_kwargs(data)
-    out = Path(kwargs["output"])
+    out = Path(output)
     manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        wanted = asdict(make_options(**{k: v for k, v in kwargs.items() if k not in ("inputs", "output")}))
-        old = {"inputs": manifest.get("inputs"), "options": manifest.get("options")}
-        new = {"inputs": kwargs["inputs"], "options": wanted}
-        if old != new:
-            changes = [f"inputs {old['inputs']} -> {new['inputs']}"] if old["inputs"] != new["inputs"] else []
-            changes += [
-                f"{k} {(old['options'] or {}).get(k)!r} -> {v!r}" for k, v in wanted.items() if (old["options"] or {}).get(k) != v
-            ]
-            raise PrepareError(
-                f"data.prepare.output {out} was prepared from other inputs or options ({'; '.join(changes)}); "
-                "run `ember prepare CONFIG --overwrite` to rebuild it, or choose another output"
-            )
-    else:
-        manifest = prepare(**kwargs, workers=data.prepare.workers, progress=progress)
-    train = data.train if data.train is not None else str(out / "train")
-    validation = data.validation
-    if validation is None and manifest["splits"]["validation"]["documents"]:
-        validation = str(out / "validation")
-    return train, validation
+    if not manifest_path.is_file():
+        return prepare(inputs, output, workers=workers, progress=progress, **options)
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    wanted = asdict(make_options(**options))
+    old = {"inputs": manifest.get("inputs"), "options": manifest.get("options")}
+    new = {"inputs": _input_specs(inputs), "options": wanted}
+    if old != new:
+        changes = [f"inputs {old['inputs']} -> {new['inputs']}"] if old["inputs"] != new["inputs"] else []
+        changes += [
+            f"{k} {(old['options'] or {}).get(k)!r} -> {v!r}" for k, v in wanted.items() if (old["options"] or {}).get(k) != v
+        ]
+        raise PrepareError(
+            f"{out} was prepared from other inputs or options ({'; '.join(changes)}); "
+            "run `ember prepare CONFIG --overwrite` to rebuild it, or choose another output"
+        )
+    return manifest

@@ -1,7 +1,8 @@
 """Distributed strategies behind one interface (see ``base.Strategy``).
 
-``make_strategy(config)`` picks one from ``config.distributed``; ``setup_ddp`` and
-``get_fsdp_config`` are the user guide's entry points.
+``make_strategy(config)`` picks one from ``config.distributed``. ``setup_ddp``,
+``setup_model_with_ddp`` and ``get_fsdp_config`` are the user guide's entry points,
+defined in :mod:`ember.compat` and re-exported here where the guide imports them.
 """
 
 from __future__ import annotations
@@ -56,9 +57,8 @@ def make_strategy(config) -> Strategy:
     if name == "fsdp":
         if precision == "fp16-mixed":
             raise ValueError("training.precision fp16-mixed is not supported with FSDP (its gradients are sharded); use bf16-mixed")
-        from ember.distributed.fsdp import FSDPStrategy, activation_checkpointing_mode
+        from ember.distributed.fsdp import FSDPStrategy
 
-        activation_checkpointing_mode(dist_cfg.fsdp_config)  # reject unknown policies before any process group
         return FSDPStrategy(device, dist_cfg.fsdp_config)
     if name == "deepspeed":
         from ember.distributed.deepspeed import DeepSpeedStrategy
@@ -67,56 +67,5 @@ def make_strategy(config) -> Strategy:
     raise ValueError(f"distributed.strategy: unknown strategy {name!r}; known: auto, {', '.join(STRATEGIES)}")
 
 
-def get_fsdp_config(
-    mixed_precision: bool = True,
-    sharding_strategy: str = "FULL_SHARD",
-    checkpoint_activation: bool = False,
-    activation_checkpointing_policy: str | None = None,
-    cpu_offload: bool = False,
-    reduce_dtype: str = "float32",
-    replicate_degree: int | None = None,
-):
-    """The user guide's FSDP settings as a ``distributed.fsdp_config`` section.
-
-    ``checkpoint_activation`` and ``activation_checkpointing_policy`` ("contiguous" = every
-    block, "selective" = every other block) choose activation checkpointing."""
-    from ember.config import FSDPSection
-    from ember.distributed.fsdp import activation_checkpointing_mode
-
-    known = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
-    if sharding_strategy not in known:
-        raise ValueError(f"sharding_strategy must be one of {', '.join(known)}, got {sharding_strategy!r}")
-    cfg = FSDPSection(
-        sharding_strategy=sharding_strategy,
-        mixed_precision=mixed_precision,
-        activation_checkpointing=checkpoint_activation,
-        activation_checkpointing_policy=activation_checkpointing_policy if checkpoint_activation else None,
-        cpu_offload=cpu_offload,
-        reduce_dtype=reduce_dtype,
-        replicate_degree=replicate_degree,
-    )
-    activation_checkpointing_mode(cfg)
-    return cfg
-
-
-_ddp_strategy = None
-
-
-def setup_ddp(backend: str | None = None, find_unused_parameters: bool = False, static_graph: bool = False, device: str = "auto"):
-    """Joins the process group torchrun set up and returns the DDP strategy; wrap a model
-    with ``setup_model_with_ddp(model)`` (or ``strategy.wrap(model)``)."""
-    global _ddp_strategy
-    from ember.distributed.ddp import DDPStrategy
-
-    _, _, local_rank = env_world()
-    strategy = DDPStrategy(resolve_device(device, local_rank), backend=backend, find_unused_parameters=find_unused_parameters, static_graph=static_graph)
-    strategy.setup()
-    _ddp_strategy = strategy
-    return strategy
-
-
-def setup_model_with_ddp(model: torch.nn.Module):
-    """Moves ``model`` to this rank's device and wraps it in DDP with ``setup_ddp``'s settings."""
-    if _ddp_strategy is None:
-        raise RuntimeError("call setup_ddp(...) before setup_model_with_ddp(model)")
-    return _ddp_strategy.wrap(model.to(_ddp_strategy.device))
+# The user guide's entry points (see ember.compat).
+from ember.compat import get_fsdp_config, setup_ddp, setup_model_with_ddp  # noqa: E402

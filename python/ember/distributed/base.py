@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ember.distributed.checkpoint_io import full_model_state_dict, load_sharded, save_sharded
+from ember.model.parallelize import ParallelPlan, parallelize
 
 EXTRA_FILE = "trainer.pt"
 
@@ -54,15 +55,33 @@ class Strategy(ABC):
         self.model = None
         self.optimizer = None
 
-    @abstractmethod
     def prepare(
+        self,
+        model: nn.Module,
+        plan: ParallelPlan,
+        make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        init_weights: Callable[[nn.Module], None],
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Takes a model built on the meta device; applies ``plan`` and this strategy's
+        sharding (:func:`ember.model.parallelize.parallelize`, in its one order), then
+        places (or wraps) it, initialises its weights and builds its optimizer."""
+        parallelize(model, plan, shard=self.shard)
+        return self.materialize(model, make_optimizer, init_weights)
+
+    def shard(self, model: nn.Module) -> None:
+        """Data-parallel sharding applied on the meta device, last step of ``parallelize``
+        (FSDP2). Strategies that wrap a materialised model do so in ``materialize``."""
+
+    @abstractmethod
+    def materialize(
         self,
         model: nn.Module,
         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
         init_weights: Callable[[nn.Module], None],
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Takes a model built on the meta device; places (and shards or wraps) it,
-        initialises its weights with ``init_weights``, and builds its optimizer."""
+        """Places the parallelized meta-device ``model`` on its device (wrapping it where
+        the strategy does), initialises its weights with ``init_weights``, and builds its
+        optimizer with ``make_optimizer``."""
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Context for micro-steps whose gradients are not yet to be reduced across ranks."""
@@ -71,9 +90,10 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
-        """Clips gradients (when ``max_norm`` is set) and returns the total norm over all
-        ranks' shards, without syncing the host."""
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor | None:
+        """Clips gradients (when ``max_norm`` is set) and returns the total norm before
+        clipping over all ranks' shards, without syncing the host; None where the engine
+        does not report one (DeepSpeed)."""
         assert self.model is not None
         params = [p for p in self.model.parameters() if p.grad is not None]
         if max_norm is None:

@@ -26,12 +26,12 @@ class DDPStrategy(TorchDistributedStrategy):
         super().__init__(device, backend)
         self.find_unused_parameters = find_unused_parameters
         self.static_graph = static_graph
-        # Weak: the user guide's module-level strategy must not keep a wrapped model (and
+        # Weak: setup_ddp's module-level strategy (ember.compat) must not keep a wrapped model (and
         # through it the process group) alive after the script let go of it.
         self._ddp: weakref.ref[DistributedDataParallel] | None = None
 
     def wrap(self, model: nn.Module) -> DistributedDataParallel:
-        """Wraps a materialised model (the user guide's ``setup_model_with_ddp``)."""
+        """Wraps a materialised model (``ember.compat.setup_model_with_ddp`` calls it)."""
         ddp = DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -42,7 +42,7 @@ class DDPStrategy(TorchDistributedStrategy):
         self._ddp = weakref.ref(ddp)
         return ddp
 
-    def prepare(
+    def materialize(
         self,
         model: nn.Module,
         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],

@@ -147,7 +147,7 @@ class DeepSpeedStrategy(TorchDistributedStrategy):
         self.rank, self.world_size, self.local_rank = dist.get_rank(), dist.get_world_size(), local
         self.ds_config = build_deepspeed_config(self.config, self.world_size)
 
-    def prepare(
+    def materialize(
         self,
         model: nn.Module,
         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
@@ -197,10 +197,12 @@ class DeepSpeedStrategy(TorchDistributedStrategy):
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()
 
-    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor | None:
+        # DeepSpeed reports no norm for ZeRO-0 in fp32 (a plain torch optimizer) or when
+        # ZeRO 1/2 skip computing it; the step then logs no grad_norm rather than a made-up 0.
         norm = self.engine.get_global_grad_norm()
         if norm is None:
-            return torch.zeros((), device=self.device)
+            return None
         return norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
 
     def optimizer_step(self) -> None:

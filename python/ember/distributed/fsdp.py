@@ -12,22 +12,6 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from ember.config import FSDPSection
 from ember.distributed.torch_dist import TorchDistributedStrategy
-from ember.model import apply_activation_checkpointing
-
-# The user guide's activation-checkpointing policy names, and Ember's own.
-AC_POLICIES = {"contiguous": "full", "full": "full", "selective": "selective", "none": "none"}
-
-
-def activation_checkpointing_mode(cfg: FSDPSection) -> str:
-    """What ``fsdp_config.activation_checkpointing`` (+ ``_policy``) asks for: none, full or selective."""
-    ac = cfg.activation_checkpointing
-    if ac is False or ac == "none":
-        return "none"
-    name = cfg.activation_checkpointing_policy or ("full" if ac is True else str(ac))
-    if name not in AC_POLICIES:
-        raise ValueError(f"distributed.fsdp_config.activation_checkpointing_policy: unknown policy {name!r}; known: {', '.join(AC_POLICIES)}")
-    return AC_POLICIES[name]
-
 
 class FSDPStrategy(TorchDistributedStrategy):
     name = "fsdp"
@@ -61,16 +45,8 @@ class FSDPStrategy(TorchDistributedStrategy):
             return init_device_mesh(kind, (world, 1), mesh_dim_names=("replicate", "shard"))
         return init_device_mesh(kind, (world,), mesh_dim_names=("shard",))
 
-    def prepare(
-        self,
-        model: nn.Module,
-        make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-        init_weights: Callable[[nn.Module], None],
-    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def shard(self, model: nn.Module) -> None:
         cfg = self.cfg
-        mode = activation_checkpointing_mode(cfg)
-        if mode != "none":
-            apply_activation_checkpointing(model, mode)
         mp = MixedPrecisionPolicy()
         if cfg.mixed_precision and self.device.type == "cuda":
             reduce = torch.float32 if cfg.reduce_dtype == "float32" else torch.bfloat16
@@ -81,7 +57,14 @@ class FSDPStrategy(TorchDistributedStrategy):
         for block in model.layers:
             fully_shard(block, mesh=self.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
         fully_shard(model, mesh=self.mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
-        model.to_empty(device="cpu" if cfg.cpu_offload else self.device)
+
+    def materialize(
+        self,
+        model: nn.Module,
+        make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        init_weights: Callable[[nn.Module], None],
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model.to_empty(device="cpu" if self.cfg.cpu_offload else self.device)
         init_weights(model)
         self.model = model
         self.optimizer = make_optimizer(model)

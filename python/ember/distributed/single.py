@@ -13,7 +13,7 @@ from ember.distributed.base import Strategy
 class SingleDeviceStrategy(Strategy):
     name = "single"
 
-    def prepare(
+    def materialize(
         self,
         model: nn.Module,
         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],

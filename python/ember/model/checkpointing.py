@@ -9,7 +9,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     checkpoint_wrapper,
 )
 
-# "contiguous" is the name the user's FSDP setup passes (activation_checkpointing_policy); it means "full".
+# "contiguous" is the user guide's name for "full" (see ember.compat.AC_POLICIES).
 MODES = ("none", "full", "selective", "contiguous")
 
 

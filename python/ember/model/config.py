@@ -183,10 +183,28 @@ def num_params(config: LlamaConfig, include_embedding: bool = True) -> int:
     return total
 
 
-def flops_per_token(config: LlamaConfig, seq_len: int) -> int:
-    """Training FLOPs per token of this architecture; the formula and its reasoning are in
-    :func:`ember.train.speed_monitor.flops_per_token`."""
-    from ember.train.speed_monitor import flops_per_token as formula
+def transformer_flops_per_token(
+    num_params_non_embedding: int, num_layers: int, num_heads: int, head_dim: int, seq_len: int
+) -> int:
+    """Model FLOPs to train on one token: ``6 * N + 6 * num_layers * num_heads * head_dim * seq_len``.
 
+    ``6 * N``: each of the N non-embedding weights does one multiply-add (2 FLOPs) per token in the
+    forward pass and two in the backward (gradients for the input and for the weight), 2 + 4 = 6.
+    The embedding lookup is a gather, not a matmul, so it is left out of N; an untied output head
+    is a matmul and belongs in N.
+
+    Attention term: per layer and head, a token's query meets ``seq_len`` keys (``q @ k.T``) and
+    ``seq_len`` values (``p @ v``), ``2 * head_dim * seq_len`` multiply-adds, 12 FLOPs per
+    multiply-add over forward and backward, so ``12 * num_layers * num_heads * head_dim * seq_len``
+    for full attention. Under a causal mask a token attends on average to half the sequence, which
+    gives the factor 6. torchtitan counts the full 12 (it does not credit the causal mask), so its
+    MFU for the same run is higher by the difference. Recomputation (activation checkpointing,
+    flash attention's backward) is not counted: MFU measures useful work.
+    """
+    return 6 * num_params_non_embedding + 6 * num_layers * num_heads * head_dim * seq_len
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int) -> int:
+    """Training FLOPs per token of this architecture (:func:`transformer_flops_per_token`)."""
     n = num_params(config, include_embedding=False)
-    return formula(n, config.num_hidden_layers, config.num_attention_heads, config.head_size, seq_len)
+    return transformer_flops_per_token(n, config.num_hidden_layers, config.num_attention_heads, config.head_size, seq_len)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.distributed.base import Strategy
+from ember.train.state import TrainState
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 CONFIG_FILE = "config.yaml"
@@ -63,8 +64,10 @@ class Checkpointer:
         self.strategy = strategy
         self.keep_last = keep_last
 
-    def save(self, step: int, extra: dict[str, Any], config_yaml: str, architecture: dict[str, Any] | None = None) -> Path:
-        final = self.directory / step_dir_name(step)
+    def save(self, state: TrainState, config_yaml: str, architecture: dict[str, Any] | None = None) -> Path:
+        """Writes ``state`` (model and optimizer through the strategy, the rest from
+        ``state.state_dict()``) as ``step-NNNNNNNN``, with the run's config beside it."""
+        final = self.directory / step_dir_name(state.step)
         tmp = self.directory / f".{final.name}.tmp"
         if self.strategy.is_main:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -75,7 +78,7 @@ class Checkpointer:
             if architecture is not None:
                 (tmp / ARCHITECTURE_FILE).write_text(json.dumps(architecture, indent=2) + "\n")
         self.strategy.barrier()
-        self.strategy.save_checkpoint(tmp, extra)
+        self.strategy.save_checkpoint(tmp, state.state_dict())
         self.strategy.barrier()
         if self.strategy.is_main:
             for f in tmp.rglob("*"):
@@ -97,7 +100,8 @@ class Checkpointer:
         for _, path in found[: max(0, len(found) - self.keep_last)]:
             shutil.rmtree(path, ignore_errors=True)
 
-    def load(self, path: Path) -> dict[str, Any]:
+    def load(self, path: Path, state: TrainState) -> None:
+        """Restores ``state`` (and, through the strategy, its model and optimizer) from ``path``."""
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: checkpoint directory not found")
-        return self.strategy.load_checkpoint(path)
+        state.load_state_dict(self.strategy.load_checkpoint(path))

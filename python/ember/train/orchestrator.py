@@ -1,9 +1,11 @@
 """``PretrainingOrchestrator``: one training run from a :class:`~ember.config.Config`.
 
-The loop reads top to bottom: set up, build, (resume), then per step: micro-batches
-forward and backward, clip, step, monitor, log, validate, checkpoint. Everything
-that differs between single-device, DDP, FSDP and DeepSpeed runs sits behind the
-strategy interface (``ember.distributed.base.Strategy``).
+``_train`` reads top to bottom: build the :class:`~ember.train.state.TrainState` (resuming
+it from a checkpoint when asked), then per step ``train_step`` (micro-batches forward and
+backward, clip, optimizer step), monitor, log, validate, checkpoint. Everything that
+differs between single-device, DDP, FSDP and DeepSpeed runs sits behind the strategy
+interface (``ember.distributed.base.Strategy``); how the model is parallelized is
+``ember.model.parallelize``; where the data comes from is ``ember.train.data``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,35 +24,22 @@ import torch.distributed as dist
 import yaml
 
 from ember.config import Config, parse_duration
-from ember.data import TokenLoader, check_vocabulary
-from ember.data.builtin import STDLIB, stdlib_shards
+from ember.data import TokenLoader
 from ember.distributed import make_strategy
-from ember.model import Llama, LlamaConfig, apply_activation_checkpointing
+from ember.model import Llama, LlamaConfig
 from ember.model.config import flops_per_token
 from ember.model.hf import save_hf_checkpoint, weights_loader
+from ember.model.parallelize import ParallelPlan
 from ember.train.checkpoint import Checkpointer, latest_checkpoint, list_checkpoints
+from ember.train.data import build_loaders
 from ember.train.metrics import MetricsLogger, perplexity
 from ember.train.optim import build_optimizer
 from ember.train.schedule import build_scheduler
 from ember.train.speed_monitor import SpeedMonitor
+from ember.train.state import TrainState
 
 RESOLVED_CONFIG = "config.yaml"
 HF_EXPORT_DIR = "hf"
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class PretrainingOrchestrator:
@@ -59,7 +49,19 @@ class PretrainingOrchestrator:
         self.config = config
         self.resume = resume if resume is not None else config.checkpoint.resume
         self.strategy = make_strategy(config)
+        self.llama_config: LlamaConfig = config.model.llama_config()
+        self.precision = self._precision()
+        self.plan = ParallelPlan(
+            activation_checkpointing=config.activation_checkpointing,
+            compile=config.model.compile,
+            param_dtype=torch.bfloat16 if self.precision == "bf16-true" else None,
+        )
+        # The saved config names its run, so `ember train runs/x/config.yaml --resume auto` continues it.
+        saved = config.to_dict()
+        saved["logging"]["run_name"] = config.run_name
+        self.config_yaml = yaml.safe_dump(saved, sort_keys=False)
         self.model: torch.nn.Module | None = None  # the trained model, after a single-strategy train()
+        self.val_loader: TokenLoader | None = None
 
     # -- building -----------------------------------------------------------
 
@@ -78,58 +80,10 @@ class PretrainingOrchestrator:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.strategy.device.type, dtype=dtype)
 
-    def _data_paths(self) -> tuple[Any, Any]:
-        d = self.config.data
-        if d.prepare.inputs:
-            # Tokenize once, on the main rank, before any rank opens the shards.
-            from ember.data.prepare import prepared_data_paths
-
-            with self.strategy.main_first():
-                train, val = prepared_data_paths(d, progress=self.config.logging.progress_bar and self.strategy.is_main)
-        else:
-            train, val = d.train, d.validation
-        if train == STDLIB or val == STDLIB:
-            with self.strategy.main_first():
-                std_train, std_val = stdlib_shards(d.cache_dir)
-            if train == STDLIB:
-                train = str(std_train)
-                val = str(std_val) if val is None else val
-            if val == STDLIB:
-                val = str(std_val)
-        return train, val
-
-    def _loaders(self) -> tuple[TokenLoader, TokenLoader | None]:
-        d, t, s = self.config.data, self.config.training, self.strategy
-        train_paths, val_paths = self._data_paths()
-        common = dict(
-            seq_len=d.seq_len,
-            batch_size=t.batch_size,
-            rank=s.rank,
-            world_size=s.world_size,
-            num_threads=d.num_threads,
-            prefetch=d.prefetch,
-            pin_memory=s.device.type == "cuda",
-        )
-        check_vocabulary(train_paths, self.llama_config.vocab_size, "data.train")
-        if val_paths:
-            check_vocabulary(val_paths, self.llama_config.vocab_size, "data.validation")
-        train = TokenLoader(train_paths, seed=t.seed, shuffle=True, **common)
-        val = TokenLoader(val_paths, shuffle=False, **common) if val_paths else None
-        return train, val
-
     def _build_model(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         t = self.config.training
         with torch.device("meta"):
             model = Llama(self.llama_config)
-        if self.config.model.activation_checkpointing != "none":
-            apply_activation_checkpointing(model, self.config.model.activation_checkpointing)
-        if self.config.model.compile:
-            # Block by block, in place: parameter names (and so checkpoints) stay as they are,
-            # and a sharding wrapper applied after sees ordinary modules.
-            for block in model.layers:
-                block.compile()
-        if self.precision == "bf16-true":
-            model.to(torch.bfloat16)
 
         def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
             return build_optimizer(m, lr=t.learning_rate, weight_decay=t.weight_decay, betas=t.betas, eps=t.eps)
@@ -141,8 +95,22 @@ class PretrainingOrchestrator:
             # Continual pretraining: each rank reads its own shards of the checkpoint.
             init_weights = weights_loader(self.config.model.init_from)  # noqa: F811
 
-        model, optimizer = self.strategy.prepare(model, make_optimizer, init_weights)
-        return model, optimizer
+        return self.strategy.prepare(model, self.plan, make_optimizer, init_weights)
+
+    def build_state(self) -> TrainState:
+        """Seeds the generators and builds step 0 of a run on this rank: the loaders, the
+        model (parallelized and placed by the strategy), optimizer, schedule and gradient
+        scaler. Every rank calls it after ``strategy.setup()``."""
+        t, s = self.config.training, self.strategy
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        loader, self.val_loader = build_loaders(self.config, s, self.llama_config.vocab_size)
+        model, optimizer = self._build_model()
+        scheduler = build_scheduler(
+            optimizer, warmup_steps=t.warmup_steps, max_steps=t.max_steps, schedule=t.lr_scheduler, min_lr_ratio=t.min_lr_ratio
+        )
+        scaler = torch.amp.GradScaler(s.device.type, enabled=self.precision == "fp16-mixed")
+        return TrainState(model, optimizer, scheduler, scaler, loader)
 
     # -- the run --------------------------------------------------------------
 
@@ -183,6 +151,158 @@ class PretrainingOrchestrator:
                 self.model = None
             s.teardown(failed=not finished)
 
+    def _train(self) -> dict[str, Any]:
+        cfg, t, s = self.config, self.config.training, self.strategy
+        resume_from = self._resume_point()
+        if s.is_main:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / RESOLVED_CONFIG).write_text(self.config_yaml)
+        state = self.build_state()
+        checkpointer = Checkpointer(cfg.checkpoint_dir, s, cfg.checkpoint.keep_last)
+        if resume_from is not None:
+            checkpointer.load(resume_from, state)
+        start_step = state.step
+        last_step, stopped_by = self._last_step()
+        deadline = None if t.time_budget is None else time.monotonic() + parse_duration(t.time_budget)
+        monitor, logger = self._speed_monitor(), self._logger(last_step, start_step)
+        if resume_from is not None:
+            logger.message(f"resumed from {resume_from} at step {start_step}")
+        batches = iter(state.loader)
+        state.model.train()
+        loss_sum, loss_count = torch.zeros((), device=s.device), 0
+        try:
+            while state.step < last_step:
+                loss, grad_norm = self.train_step(state, batches)
+                monitor.update(samples=self.samples_per_step, tokens=self.tokens_per_step)
+                loss_sum, loss_count = loss_sum + loss, loss_count + 1
+                if state.step % cfg.logging.log_every == 0 or state.step == last_step:
+                    self._log_step(state, logger, monitor, s.reduce_mean(loss_sum / loss_count), grad_norm)
+                    loss_sum, loss_count = torch.zeros_like(loss_sum), 0
+                    if deadline is not None and s.broadcast_flag(time.monotonic() > deadline):
+                        stopped_by = "time_budget"
+                        break
+                if self.val_loader is not None and _due(t.eval_every, state.step, last_step):
+                    self._validate(state, logger)
+                if _due(cfg.checkpoint.every_n_steps, state.step, last_step):
+                    self._save(checkpointer, state, logger)
+            summary = self._finish(state, checkpointer, logger, start_step)
+        finally:
+            logger.close()
+        summary.update({"steps": state.step, "tokens_seen": state.tokens_seen, "stopped_by": stopped_by})
+        self.model = state.model
+        return summary
+
+    def train_step(self, state: TrainState, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches from ``batches``.
+        Returns the step's mean loss on this rank (a device tensor: no host sync) and the
+        gradient norm before clipping (None when the engine reports none)."""
+        t, s = self.config.training, self.strategy
+        accumulation = t.gradient_accumulation_steps
+        step_loss = torch.zeros((), device=s.device)
+        for micro in range(accumulation):
+            batch = next(batches)
+            input_ids = batch["input_ids"].to(s.device, non_blocking=True)
+            labels = batch["labels"].to(s.device, non_blocking=True)
+            last_micro = micro == accumulation - 1
+            with (contextlib.nullcontext() if last_micro else s.no_sync()), self._autocast():
+                loss = state.model(input_ids, labels=labels) / accumulation
+            s.backward(state.scaler.scale(loss))
+            step_loss += loss.detach()
+        state.scaler.unscale_(state.optimizer)
+        grad_norm = s.clip_grad_norm(t.clip_grad_norm)
+        if state.scaler.is_enabled():
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            state.optimizer.zero_grad(set_to_none=True)
+        else:
+            s.optimizer_step()
+        state.scheduler.step()
+        state.step += 1
+        state.tokens_seen += self.tokens_per_step
+        return step_loss, grad_norm
+
+    # -- the loop's parts -----------------------------------------------------
+
+    @property
+    def samples_per_step(self) -> int:
+        t = self.config.training
+        return t.batch_size * t.gradient_accumulation_steps * self.strategy.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.samples_per_step * self.config.data.seq_len
+
+    def _last_step(self) -> tuple[int, str]:
+        """The step training stops after, and why: max_steps or max_tokens, whichever comes first."""
+        t = self.config.training
+        if t.max_tokens is not None and math.ceil(t.max_tokens / self.tokens_per_step) < t.max_steps:
+            return math.ceil(t.max_tokens / self.tokens_per_step), "max_tokens"
+        return t.max_steps, "max_steps"
+
+    def _speed_monitor(self) -> SpeedMonitor:
+        s = self.strategy
+        return SpeedMonitor(
+            window_size=50,
+            time_unit="hours",
+            flops_per_token=flops_per_token(self.llama_config, self.config.data.seq_len),
+            world_size=s.world_size,
+            warmup_steps=self.config.training.warmup_monitor_steps,
+            device=s.device,
+        )
+
+    def _logger(self, last_step: int, start_step: int) -> MetricsLogger:
+        cfg = self.config
+        return MetricsLogger(
+            cfg.run_dir,
+            enabled=self.strategy.is_main,
+            total_steps=last_step,
+            start_step=start_step,
+            progress_bar=cfg.logging.progress_bar,
+            tensorboard=cfg.logging.tensorboard,
+            wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project,
+            run_name=cfg.run_name,
+            config=cfg.to_dict(),
+        )
+
+    def _log_step(self, state: TrainState, logger: MetricsLogger, monitor: SpeedMonitor, loss: torch.Tensor,
+                  grad_norm: torch.Tensor | None) -> None:
+        metrics: dict[str, Any] = {"loss": loss.item()}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm.item()
+        metrics.update({"lr": state.scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen, **monitor.compute()})
+        logger.log(state.step, metrics)
+        logger.progress(state.step, metrics)
+
+    def _validate(self, state: TrainState, logger: MetricsLogger) -> dict[str, float]:
+        assert self.val_loader is not None
+        val = self.evaluate(state.model, self.val_loader)
+        logger.log(state.step, val)
+        logger.message(f"step {state.step}: validation loss {val['val_loss']:.4f}, perplexity {val['val_perplexity']:.2f}")
+        return val
+
+    def _save(self, checkpointer: Checkpointer, state: TrainState, logger: MetricsLogger) -> None:
+        path = checkpointer.save(state, self.config_yaml, dataclasses.asdict(self.llama_config))
+        logger.message(f"saved checkpoint {path}")
+
+    def _finish(self, state: TrainState, checkpointer: Checkpointer, logger: MetricsLogger, start_step: int) -> dict[str, Any]:
+        """The end of a run: final validation, final checkpoint and Hugging Face export (the
+        last two only when this run trained a step)."""
+        cfg = self.config
+        summary: dict[str, Any] = {"run_dir": str(cfg.run_dir), "start_step": start_step}
+        if self.val_loader is not None:
+            val = self.evaluate(state.model, self.val_loader)
+            logger.log(state.step, val)
+            summary.update(val)
+        if cfg.checkpoint.save_final and state.step > start_step:
+            self._save(checkpointer, state, logger)
+        if cfg.checkpoint.export_hf and state.step > start_step:
+            summary["hf_dir"] = str(self.export_hf(cfg.run_dir / HF_EXPORT_DIR))
+            logger.message(f"wrote Hugging Face weights to {summary['hf_dir']}")
+        return summary
+
+    # -- after (or outside) the loop ------------------------------------------
+
     def export_hf(self, directory: Path) -> Path:
         """Writes the model's weights as a Hugging Face checkpoint (every rank calls it;
         the main rank writes). bf16 runs export bf16, others float32; a Hugging Face
@@ -218,153 +338,6 @@ class PretrainingOrchestrator:
         out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, generator=generator)
         return tok.decode(out[0].tolist())
 
-    def _train(self) -> dict[str, Any]:
-        cfg, t, s = self.config, self.config.training, self.strategy
-        torch.manual_seed(t.seed)
-        random.seed(t.seed)
-        self.llama_config: LlamaConfig = cfg.model.llama_config()
-        self.precision = self._precision()
-        resume_from = self._resume_point()
-        run_dir = cfg.run_dir
-        # The saved config names its run, so `ember train runs/x/config.yaml --resume auto` continues it.
-        saved = cfg.to_dict()
-        saved["logging"]["run_name"] = cfg.run_name
-        config_yaml = yaml.safe_dump(saved, sort_keys=False)
-        if s.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / RESOLVED_CONFIG).write_text(config_yaml)
-
-        train_loader, val_loader = self._loaders()
-        model, optimizer = self._build_model()
-        scheduler = build_scheduler(
-            optimizer,
-            warmup_steps=t.warmup_steps,
-            max_steps=t.max_steps,
-            schedule=t.lr_scheduler,
-            min_lr_ratio=t.min_lr_ratio,
-        )
-        scaler = torch.amp.GradScaler(s.device.type, enabled=self.precision == "fp16-mixed")
-        checkpointer = Checkpointer(cfg.checkpoint_dir, s, cfg.checkpoint.keep_last)
-
-        step, tokens_seen = 0, 0
-        if resume_from is not None:
-            extra = checkpointer.load(resume_from)
-            step, tokens_seen = extra["step"], extra["tokens_seen"]
-            scheduler.load_state_dict(extra["scheduler"])
-            train_loader.load_state_dict(extra["loader"])
-            scaler.load_state_dict(extra["scaler"])
-            _set_rng_state(extra["rng"])
-
-        samples_per_step = t.batch_size * t.gradient_accumulation_steps * s.world_size
-        tokens_per_step = samples_per_step * cfg.data.seq_len
-        last_step = t.max_steps
-        if t.max_tokens is not None:
-            last_step = min(last_step, math.ceil(t.max_tokens / tokens_per_step))
-        deadline = None if t.time_budget is None else time.monotonic() + parse_duration(t.time_budget)
-
-        monitor = SpeedMonitor(
-            window_size=50,
-            time_unit="hours",
-            flops_per_token=flops_per_token(self.llama_config, cfg.data.seq_len),
-            world_size=s.world_size,
-            warmup_steps=t.warmup_monitor_steps,
-            device=s.device,
-        )
-        logger = MetricsLogger(
-            run_dir,
-            enabled=s.is_main,
-            total_steps=last_step,
-            start_step=step,
-            progress_bar=cfg.logging.progress_bar,
-            tensorboard=cfg.logging.tensorboard,
-            wandb=cfg.logging.wandb,
-            wandb_project=cfg.logging.wandb_project,
-            run_name=cfg.run_name,
-            config=cfg.to_dict(),
-        )
-        if resume_from is not None:
-            logger.message(f"resumed from {resume_from} at step {step}")
-
-        def save(at_step: int) -> None:
-            extra = {
-                "step": at_step,
-                "tokens_seen": tokens_seen,
-                "scheduler": scheduler.state_dict(),
-                "loader": train_loader.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _rng_state(),
-            }
-            path = checkpointer.save(at_step, extra, config_yaml, dataclasses.asdict(self.llama_config))
-            logger.message(f"saved checkpoint {path}")
-
-        summary: dict[str, Any] = {"run_dir": str(run_dir), "start_step": step}
-        train_iter = iter(train_loader)
-        model.train()
-        loss_sum = torch.zeros((), device=s.device)
-        loss_count = 0
-        stopped_by = "max_steps" if last_step == t.max_steps else "max_tokens"
-        try:
-            while step < last_step:
-                for micro in range(t.gradient_accumulation_steps):
-                    batch = next(train_iter)
-                    input_ids = batch["input_ids"].to(s.device, non_blocking=True)
-                    labels = batch["labels"].to(s.device, non_blocking=True)
-                    last_micro = micro == t.gradient_accumulation_steps - 1
-                    with (contextlib.nullcontext() if last_micro else s.no_sync()), self._autocast():
-                        loss = model(input_ids, labels=labels) / t.gradient_accumulation_steps
-                    s.backward(scaler.scale(loss))
-                    loss_sum += loss.detach()
-                scaler.unscale_(optimizer)
-                grad_norm = s.clip_grad_norm(t.clip_grad_norm)
-                if scaler.is_enabled():
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    s.optimizer_step()
-                scheduler.step()
-                step += 1
-                tokens_seen += tokens_per_step
-                loss_count += 1
-                monitor.update(samples=samples_per_step, tokens=tokens_per_step)
-
-                if step % cfg.logging.log_every == 0 or step == last_step:
-                    metrics = {
-                        "loss": s.reduce_mean(loss_sum / loss_count).item(),
-                        "grad_norm": grad_norm.item(),
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens_seen": tokens_seen,
-                        **monitor.compute(),
-                    }
-                    loss_sum.zero_()
-                    loss_count = 0
-                    logger.log(step, metrics)
-                    logger.progress(step, metrics)
-                    if deadline is not None and s.broadcast_flag(time.monotonic() > deadline):
-                        stopped_by = "time_budget"
-                        break
-                if val_loader is not None and t.eval_every and step % t.eval_every == 0 and step < last_step:
-                    val = self.evaluate(model, val_loader)
-                    logger.log(step, val)
-                    logger.message(f"step {step}: validation loss {val['val_loss']:.4f}, perplexity {val['val_perplexity']:.2f}")
-                if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0 and step < last_step:
-                    save(step)
-
-            if val_loader is not None:
-                val = self.evaluate(model, val_loader)
-                logger.log(step, val)
-                summary.update(val)
-            if cfg.checkpoint.save_final and step > summary["start_step"]:
-                save(step)
-            if cfg.checkpoint.export_hf and step > summary["start_step"]:
-                summary["hf_dir"] = str(self.export_hf(run_dir / HF_EXPORT_DIR))
-                logger.message(f"wrote Hugging Face weights to {summary['hf_dir']}")
-        finally:
-            logger.close()
-        summary.update({"steps": step, "tokens_seen": tokens_seen, "stopped_by": stopped_by})
-        self.model = model
-        return summary
-
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, loader: TokenLoader) -> dict[str, float]:
         """Mean loss and perplexity over the validation set (or its first ``eval_batches`` batches)."""
@@ -385,3 +358,9 @@ class PretrainingOrchestrator:
             raise ValueError(f"the validation data {self.config.data.validation!r} yields no full batch of {self.config.training.batch_size} x {self.config.data.seq_len}")
         loss = self.strategy.reduce_mean(total / n).item()
         return {"val_loss": loss, "val_perplexity": perplexity(loss)}
+
+
+def _due(every: int | None, step: int, last_step: int) -> bool:
+    """Whether a periodic action (every ``every`` steps, None for never) falls on ``step``;
+    the last step has its own, final one."""
+    return bool(every) and step % every == 0 and step < last_step
