@@ -116,12 +116,14 @@ main() {
     else
         # 2. kernel tests: with CUDA the Triton paths and the gpu-marked tests run
         phase tests "${EMBER_CHECK_LIMIT_TESTS:-110}" \
-            "$PY" -m pytest tests/test_kernels_triton_norm_rope.py tests/test_kernels_triton_ce.py \
-            tests/test_kernels_reference.py tests/test_model.py -q -p no:cacheprovider \
+            "$PY" -m pytest tests/test_kernel_*.py tests/test_model.py -q -p no:cacheprovider \
             --junitxml="$RES/tests-junit.xml"
-        # 3. kernel benchmarks, one session per file so that one overrun keeps the other's figures
-        bench_phase kernels-norm-rope "${EMBER_CHECK_LIMIT_NORM_ROPE:-120}" benchmarks/test_kernels_norm_rope.py
-        bench_phase kernels-ce "${EMBER_CHECK_LIMIT_CE:-90}" benchmarks/test_kernels_ce.py
+        # 3. kernel benchmarks (one file per op) in two sessions, the elementwise ops and the losses,
+        #    so that one overrun keeps the other's figures
+        bench_phase kernels-norm-rope "${EMBER_CHECK_LIMIT_NORM_ROPE:-120}" \
+            benchmarks/test_kernel_rms_norm.py benchmarks/test_kernel_rotary.py benchmarks/test_kernel_swiglu.py
+        bench_phase kernels-ce "${EMBER_CHECK_LIMIT_CE:-90}" \
+            benchmarks/test_kernel_cross_entropy.py benchmarks/test_kernel_fused_linear_cross_entropy.py
         # 4. end-to-end throughput: ember (compiled, eager) and HF transformers, in one session
         bench_phase e2e "${EMBER_CHECK_LIMIT_E2E:-150}" benchmarks/test_e2e.py
     fi

@@ -4,7 +4,7 @@ pytest-benchmark writes ``--benchmark-json`` only when the session finishes; ``c
 phase that overruns its time limit, and a run stopped in the middle of a benchmark writes nothing
 (pytest-benchmark fails on the unfinished one). This file keeps every finished test's figures.
 Each line has the fields of an entry of pytest-benchmark's ``benchmarks`` list that
-``ember.bench`` reads (``name``, ``fullname``, ``group``, ``extra_info``) and the test's outcome.
+``benchmarks/report.py`` reads (``name``, ``fullname``, ``group``, ``extra_info``) and the test's outcome.
 
 Enable with ``-p record_results`` (``benchmarks/gpu`` on ``PYTHONPATH``) and
 ``EMBER_RECORD_JSONL=PATH``.

@@ -1,5 +1,5 @@
 """The GPU check's closing summary: how each phase ended, the kernel tests' counts, and one
-comparison table of the benchmarks (``ember.bench``'s, the table ``ember bench`` prints).
+comparison table of the benchmarks (``benchmarks/report.py``'s, the table ``ember bench`` prints).
 Writes it all to RESULTS_DIR/summary.json too.
 
 Usage: python3 benchmarks/gpu/summary.py RESULTS_DIR
@@ -19,11 +19,9 @@ from pathlib import Path
 
 BENCH_PHASES = ("kernels-norm-rope", "kernels-ce", "e2e")
 
-try:
-    from ember import bench
-except ImportError:  # Ember not importable (phase 1 failed): the table code needs no compiled module
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
-    from ember import bench
+# The table's formatter beside the suites; standard library only, so it loads even where Ember does not.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import report  # noqa: E402
 
 
 def read_phases(res: Path) -> list[dict]:
@@ -76,7 +74,7 @@ def main(res: Path) -> int:
     env = json.loads((res / "env.json").read_text()) if (res / "env.json").is_file() else {}
     phases, tests = read_phases(res), read_tests(res)
     entries, sources = read_benchmarks(res)
-    rows = bench.rows_from_benchmarks(entries)
+    rows = report.rows_from_benchmarks(entries)
 
     print("=" * 100)
     print(
@@ -100,7 +98,7 @@ def main(res: Path) -> int:
     for name, source in sources.items():
         print(f"{name}: {source}")
     print()
-    print(bench.format_table(rows) if rows else "no benchmark figures were recorded")
+    print(report.format_table(rows) if rows else "no benchmark figures were recorded")
     (res / "summary.json").write_text(
         json.dumps({"env": env, "phases": phases, "tests": tests, "sources": sources, "rows": [asdict(r) for r in rows]}, indent=1) + "\n"
     )

@@ -1,9 +1,11 @@
 """Kernels for the hot operations.
 
-Each op lives in its own file with its PyTorch reference (``*_reference``) and the public
-function, which runs the Triton kernel on CUDA tensors and the reference elsewhere;
-``EMBER_KERNELS=torch|triton`` forces one. Until an op's Triton kernel lands, CUDA tensors
-also use the reference, and ``EMBER_KERNELS=triton`` raises ``NotImplementedError``.
+Each op lives in its own file with its Triton kernels, its PyTorch reference (``*_reference``)
+and the public function, which runs the Triton kernel on CUDA tensors and the reference
+elsewhere (and everywhere Triton is not installed); ``EMBER_KERNELS=torch|triton`` forces one.
+Inputs a kernel does not cover (float64, broadcasting) take the reference even then; a forced
+Triton path that cannot run (no Triton, or CPU tensors outside ``TRITON_INTERPRET=1``) raises
+``NotImplementedError`` naming the op. ``_dispatch`` chooses and guards, ``_triton`` launches.
 """
 
 from ._dispatch import backend_for

@@ -1,4 +1,5 @@
-"""Triton kernels behind :mod:`.cross_entropy` and :mod:`.fused_linear_cross_entropy`, and their launchers.
+"""The cross-entropy kernels that :mod:`.cross_entropy` and :mod:`.fused_linear_cross_entropy`
+share, and their launchers; imported only once an op's Triton path has passed its guard.
 
 One program handles one token (one row of logits) and sweeps its vocabulary twice, a
 block of ``BLOCK`` logits at a time:
@@ -13,7 +14,7 @@ be written over the logits themselves (the fused linear path does, into its own 
 workspace). Everything is computed in float32 whatever the logits' dtype; the gradient is
 stored in the gradient buffer's dtype.
 
-Kernels launch through :func:`._triton_norm_rope.launch`, as every Ember kernel does:
+Kernels launch through :func:`._triton.launch`, as every Ember kernel does:
 compiled on CUDA tensors and, on CPU tensors while ``TRITON_INTERPRET=1`` is set, in
 Triton's interpreter (slow; for tests), however the environment stood at import.
 """
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_norm_rope import launch
+from ._triton import launch
 
 # Logits a program holds at once. 32k float32 values over 32 warps is 32 registers a
 # thread, the size Liger settled on; larger rows loop. Tests lower it to exercise the loop.

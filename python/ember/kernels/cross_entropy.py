@@ -19,12 +19,11 @@ which autograd derives through the reduction, so every reduction and any ``num_t
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor, nn
 
-from ._dispatch import ENV_VAR, select, upcast
+from ._dispatch import check_triton, select, upcast
+from ._triton import KERNEL_DTYPES
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -124,25 +123,6 @@ def cross_entropy_reference(
 
 # ---------------------------------------------------------------------------
 # Triton path: custom ops (so torch.compile sees through them), autograd, entry point.
-
-
-def interpreter_requested() -> bool:
-    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter now (read as Triton reads it)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
-
-
-def check_triton_device(op: str, tensor: torch.Tensor) -> None:
-    """Refuses tensors the Triton kernels cannot run on: they need CUDA, or the CPU under the interpreter.
-
-    Plain Python over the environment, so torch.compile traces it without a graph break.
-    """
-    if tensor.is_cuda or (tensor.device.type == "cpu" and interpreter_requested()):
-        return
-    raise NotImplementedError(
-        f"{ENV_VAR}=triton, but ember.kernels.{op} has no Triton kernel for {tensor.device.type} tensors "
-        f"outside the Triton interpreter; use CUDA tensors, set TRITON_INTERPRET=1 (the interpreter on "
-        f"the CPU: slow, for tests), or unset {ENV_VAR}"
-    )
 
 
 def folds_mean_scale(dtype: torch.dtype) -> bool:
@@ -277,6 +257,12 @@ def scaled_gradient(grad: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.ops.ember.scale_rows(grad, scale, dtype)
 
 
+def _kernels_cover(logits: torch.Tensor) -> bool:
+    """Whether the kernel handles these logits; others (float64) take the reference, which
+    defines the behaviour."""
+    return logits.dtype in KERNEL_DTYPES
+
+
 def _cross_entropy_triton(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -290,13 +276,13 @@ def _cross_entropy_triton(
 ) -> torch.Tensor:
     """:func:`cross_entropy` on the Triton kernel; float64 logits take the reference."""
     options = dict(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-    if logits.dtype == torch.float64:
+    check_options(reduction=reduction, num_tokens=num_tokens, **options)
+    check_targets(logits, targets, "logits")
+    if not _kernels_cover(logits):
         return cross_entropy_reference(
             logits, targets, ignore_index=ignore_index, reduction=reduction, num_tokens=num_tokens, **options
         )
-    check_options(reduction=reduction, num_tokens=num_tokens, **options)
-    check_targets(logits, targets, "logits")
-    check_triton_device("cross_entropy", logits)
+    check_triton("cross_entropy", logits)
     flat_targets = targets.reshape(-1)
     denominator = None
     if reduction == "mean":
@@ -314,8 +300,6 @@ def _cross_entropy_triton(
     )
     return loss.view(targets.shape) if reduction == "none" else loss
 
-
-_triton_impl = _cross_entropy_triton
 
 
 def cross_entropy(
@@ -337,7 +321,7 @@ def cross_entropy(
     per-token losses shaped like ``targets``, 0 where ignored. The result is float32 (float64
     for float64 logits) whatever the logits' dtype. See the module docstring for the formula.
     """
-    impl = select("cross_entropy", logits, _triton_impl, cross_entropy_reference)
+    impl = select(logits, _cross_entropy_triton, cross_entropy_reference)
     return impl(
         logits,
         targets,

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._dispatch import select, upcast
+from ._dispatch import check_triton, select, upcast
+from ._triton import KERNEL_DTYPES
 from .cross_entropy import (
     check_options,
     check_targets,
-    check_triton_device,
     device_scalar,
     folds_mean_scale,
     mean_denominator,
@@ -547,6 +547,12 @@ def _losses_backward(ctx, grad_losses):
 _losses_op.register_autograd(_losses_backward, setup_context=_losses_setup_context)
 
 
+def _kernels_cover(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the kernel and cuBLAS handle these inputs; others (float64) take the reference,
+    which defines the behaviour."""
+    return all(t.dtype in KERNEL_DTYPES for t in (hidden, weight, bias) if t is not None)
+
+
 def _fused_linear_cross_entropy_triton(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -565,12 +571,12 @@ def _fused_linear_cross_entropy_triton(
     """:func:`fused_linear_cross_entropy` on cuBLAS and the Triton kernel; float64 takes the reference."""
     options = dict(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     common = dict(ignore_index=ignore_index, reduction=reduction, num_tokens=num_tokens, **options)
-    if torch.float64 in (hidden.dtype, weight.dtype) or (bias is not None and bias.dtype == torch.float64):
+    check_inputs(hidden, weight, targets, bias, chunk_size, dict(reduction=reduction, num_tokens=num_tokens, **options))
+    if not _kernels_cover(hidden, weight, bias):
         return fused_linear_cross_entropy_reference(
             hidden, weight, targets, bias=bias, chunk_size=chunk_size, fp32_accumulation=fp32_accumulation, **common
         )
-    check_inputs(hidden, weight, targets, bias, chunk_size, dict(reduction=reduction, num_tokens=num_tokens, **options))
-    check_triton_device("fused_linear_cross_entropy", hidden)
+    check_triton("fused_linear_cross_entropy", hidden)
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     compute_dtype = _matmul_dtype(hidden, weight)
     if chunk_size is None:
@@ -608,8 +614,6 @@ def _fused_linear_cross_entropy_triton(
     return loss
 
 
-_triton_impl = _fused_linear_cross_entropy_triton
-
 
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
@@ -638,7 +642,7 @@ def fused_linear_cross_entropy(
     ``fp32_accumulation=False`` in the weight's dtype (less memory, one rounding per chunk).
     Not twice differentiable.
     """
-    impl = select("fused_linear_cross_entropy", hidden, _triton_impl, fused_linear_cross_entropy_reference)
+    impl = select(hidden, _fused_linear_cross_entropy_triton, fused_linear_cross_entropy_reference)
     return impl(
         hidden,
         weight,

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._dispatch import select, upcast
-from ._triton_norm_rope import KERNEL_DTYPES, check_device, jit, launch, programs_for, rows_of, tl, triton, warps_for
+from ._dispatch import check_triton, select, upcast
+from ._triton import KERNEL_DTYPES, jit, launch, programs_for, rows_of, tl, triton, warps_for
 
 CASTING_MODES = ("llama", "gemma")
 
@@ -406,15 +406,13 @@ def _rms_norm_triton(x, weight, eps=1e-6, *, offset=0.0, casting="llama", residu
     _check_casting(casting)
     if not _kernels_cover(x, weight, residual):
         return rms_norm_reference(x, weight, eps, offset=offset, casting=casting, residual=residual)
-    check_device("rms_norm", x)
+    check_triton("rms_norm", x)
     gemma = casting == "gemma"
     if residual is None:
         return torch.ops.ember.rms_norm(x, weight, float(eps), float(offset), gemma)
     normed, summed = torch.ops.ember.rms_norm_add(x, residual, weight, float(eps), float(offset), gemma)
     return normed, summed
 
-
-_triton_impl = None if triton is None else _rms_norm_triton
 
 
 def rms_norm(
@@ -432,7 +430,7 @@ def rms_norm(
     ``(normed, x + residual)``: a pre-norm block's ``h = h + out; y = norm(h)`` becomes
     ``y, h = rms_norm(out, weight, residual=h)``, one pass instead of two.
     """
-    impl = select("rms_norm", x, _triton_impl, rms_norm_reference)
+    impl = select(x, _rms_norm_triton, rms_norm_reference)
     if residual is None:
         return impl(x, weight, eps, offset=offset, casting=casting)
     return impl(x, weight, eps, offset=offset, casting=casting, residual=residual)

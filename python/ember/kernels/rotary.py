@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import select, upcast
-from ._triton_norm_rope import KERNEL_DTYPES, check_device, jit, launch, tl, triton
+from ._dispatch import check_triton, select, upcast
+from ._triton import KERNEL_DTYPES, jit, launch, tl, triton
 
 
 def apply_rotary_reference(
@@ -267,14 +267,12 @@ def _apply_rotary_triton(q, k, cos, sin, *, position_ids=None, inplace=False):
     _check_shapes(q, k, cos, sin, position_ids)
     if not _kernels_cover(q, k, cos, sin, position_ids):
         return apply_rotary_reference(q, k, cos, sin, position_ids=position_ids, inplace=inplace)
-    check_device("apply_rotary", q)
+    check_triton("apply_rotary", q)
     if inplace:
         return _RotaryInPlace.apply(q, cos, sin, position_ids), _RotaryInPlace.apply(k, cos, sin, position_ids)
     rotary = torch.ops.ember.rotary
     return rotary(q, cos, sin, position_ids, False), rotary(k, cos, sin, position_ids, False)
 
-
-_triton_impl = None if triton is None else _apply_rotary_triton
 
 
 def apply_rotary(
@@ -298,5 +296,5 @@ def apply_rotary(
     allocations; autograd then forbids it on leaves that require grad, as for any in-place op.
     Any strides are accepted; out of place, the results are contiguous.
     """
-    impl = select("apply_rotary", q, _triton_impl, apply_rotary_reference)
+    impl = select(q, _apply_rotary_triton, apply_rotary_reference)
     return impl(q, k, cos, sin, position_ids=position_ids, inplace=inplace)

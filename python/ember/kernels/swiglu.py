@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import select
-from ._triton_norm_rope import KERNEL_DTYPES, check_device, jit, launch, rows_of, tl, triton
+from ._dispatch import check_triton, select
+from ._triton import KERNEL_DTYPES, jit, launch, rows_of, tl, triton
 
 # Values per program: 8 to 16 bytes a thread in 4 warps.
 BLOCK = 1024
@@ -134,17 +134,21 @@ def _swiglu_grads(ctx, grad):
 _swiglu_op.register_autograd(_swiglu_grads, setup_context=_setup_swiglu)
 
 
+def _kernels_cover(gate: Tensor, up: Tensor) -> bool:
+    """Whether the kernels handle these inputs; anything else (broadcasting, mixed dtypes,
+    float64) takes the reference, which defines the behaviour."""
+    same = gate.shape == up.shape and gate.dtype == up.dtype and gate.device == up.device
+    return same and gate.dtype in KERNEL_DTYPES
+
+
 def _swiglu_triton(gate: Tensor, up: Tensor) -> Tensor:
-    covered = gate.shape == up.shape and gate.dtype == up.dtype and gate.device == up.device
-    if not covered or gate.dtype not in KERNEL_DTYPES:  # broadcasting, mixed dtypes, float64: the reference
+    if not _kernels_cover(gate, up):
         return swiglu_reference(gate, up)
-    check_device("swiglu", gate)
+    check_triton("swiglu", gate)
     return torch.ops.ember.swiglu(gate, up)
 
-
-_triton_impl = None if triton is None else _swiglu_triton
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``, elementwise."""
-    return select("swiglu", gate, _triton_impl, swiglu_reference)(gate, up)
+    return select(gate, _swiglu_triton, swiglu_reference)(gate, up)

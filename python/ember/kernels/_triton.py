@@ -1,9 +1,10 @@
-"""What the RMSNorm, rotary and SwiGLU kernels share: the optional Triton import and launching.
+"""Triton for every Ember kernel: the optional import, when the interpreter runs, and launching.
 
 Triton is Linux-only, so without it the kernels are plain functions that nothing calls and
-every op runs its PyTorch reference. A kernel launches compiled on CUDA tensors and, on CPU
-tensors with ``TRITON_INTERPRET=1`` set, in Triton's interpreter, however the environment
-stood when Triton was imported: tests set the variable only while they run.
+every op runs its PyTorch reference (:mod:`._dispatch` decides). A kernel launches compiled on
+CUDA tensors and, on CPU tensors with ``TRITON_INTERPRET`` set, in Triton's interpreter,
+however the environment stood when Triton was imported: tests set the variable only while
+they run.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import functools
 import os
 
 import torch
-
-from ._dispatch import ENV_VAR
 
 try:
     import triton
@@ -25,22 +24,16 @@ except ImportError:  # Triton ships for Linux only; the references run everywher
 # take the reference.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# The spellings of "on" that Triton's own parser of TRITON_INTERPRET accepts, compared
+# lower-cased and unstripped as it compares them, so that Ember and Triton agree on whether
+# the interpreter was asked for.
+INTERPRETER_ON = ("1", "true", "on", "yes", "y")
+
 
 def interpreter_requested() -> bool:
-    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter; read from the environment as
-    Triton reads it, in plain Python so that torch.compile traces it."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
-
-
-def check_device(op: str, tensor: torch.Tensor) -> None:
-    """Refuses tensors the kernels cannot run on: they need CUDA, or the CPU under the interpreter."""
-    if tensor.is_cuda or (tensor.device.type == "cpu" and interpreter_requested()):
-        return
-    raise NotImplementedError(
-        f"{ENV_VAR}=triton, but ember.kernels.{op} has no Triton kernel for {tensor.device.type} tensors "
-        f"outside the Triton interpreter; use CUDA tensors, set TRITON_INTERPRET=1 (the interpreter on "
-        f"the CPU: slow, for tests), or unset {ENV_VAR}"
-    )
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter now; plain Python over the
+    environment, so that torch.compile traces it without a graph break."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in INTERPRETER_ON
 
 
 def jit(fn):
@@ -56,7 +49,7 @@ def launch(kernel, grid: tuple[int, ...], device: torch.device, *args, **meta) -
     ``TRITON_INTERPRET=1`` and is slow: it exists for tests.
     """
     if triton is None:
-        raise RuntimeError(f"Triton is not installed; unset {ENV_VAR} or set it to 'torch'")
+        raise RuntimeError("Triton is not installed (it ships for Linux only); Ember's kernels cannot launch")
     if device.type == "cuda":
         with torch.cuda.device(device):
             kernel[grid](*args, **meta)
