@@ -150,7 +150,7 @@ class DataSection:
 class FSDPSection:
     sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = "FULL_SHARD"
     mixed_precision: bool = True
-    # An alias of model.activation_checkpointing, resolved when the config is read.
+    # The user guide's name for model.activation_checkpointing (see Config.activation_checkpointing).
     activation_checkpointing: bool | str = False
     activation_checkpointing_policy: str | None = None
     cpu_offload: bool = False
@@ -165,7 +165,8 @@ class FSDPSection:
             return "none"
         name = self.activation_checkpointing_policy or ("full" if ac is True else str(ac))
         if name not in AC_POLICIES:
-            raise ValueError(f"unknown policy {name!r}; known: {', '.join(AC_POLICIES)}")
+            key = "activation_checkpointing_policy" if self.activation_checkpointing_policy else "activation_checkpointing"
+            raise ValueError(f"distributed.fsdp_config.{key}: unknown policy {name!r}; known: {', '.join(AC_POLICIES)}")
         return AC_POLICIES[name]
 
 
@@ -218,24 +219,22 @@ class Config:
 
     @property
     def activation_checkpointing(self) -> str:
-        """The run's activation-checkpointing mode (none, full or selective): ``model.activation_checkpointing``
-        or its alias ``distributed.fsdp_config.activation_checkpointing`` (+ ``_policy``). Raises
-        ``ValueError`` naming both keys when they ask for different things."""
+        """The run's activation-checkpointing mode: none, full or selective. Two keys set it,
+        ``model.activation_checkpointing`` and its alias from the user guide,
+        ``distributed.fsdp_config.activation_checkpointing`` (+ ``_policy``), which applies
+        under every strategy. Every reader of the setting reads this property; it raises
+        ``ValueError`` naming both keys when both are set (also when the config is read)."""
         model_mode = self.model.activation_checkpointing
         fsdp_mode = self.distributed.fsdp_config.activation_checkpointing_mode()
-        if "none" not in (model_mode, fsdp_mode) and model_mode != fsdp_mode:
+        if model_mode != "none" and fsdp_mode != "none":
             raise ValueError(_AC_CONFLICT.format(model_mode, fsdp_mode))
         return fsdp_mode if model_mode == "none" else model_mode
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data that :func:`config_from_dict` reads back to an equal config; the
-        activation-checkpointing alias is written under its one key, ``model.activation_checkpointing``."""
         d = dataclasses.asdict(self)
         d.pop("source")
         arch = d["model"].pop("arch")
         d["model"].update(arch)
-        d["model"]["activation_checkpointing"] = self.activation_checkpointing
-        d["distributed"]["fsdp_config"].update(activation_checkpointing=False, activation_checkpointing_policy=None)
         d["training"]["betas"] = list(d["training"]["betas"])
         return d
 
@@ -396,25 +395,18 @@ def parse_duration(value: str | float | int) -> float:
 
 
 _AC_CONFLICT = (
-    "model.activation_checkpointing ({!r}) and distributed.fsdp_config.activation_checkpointing ({!r}) "
-    "are two names for one setting; give only one"
+    "model.activation_checkpointing: {!r}, and distributed.fsdp_config.activation_checkpointing asks for {!r}: "
+    "they are two names for one setting; give only one (delete the other from the config)"
 )
 
 
-def _resolve_aliases(cfg: Config) -> list[tuple[str, str]]:
-    """Moves ``distributed.fsdp_config.activation_checkpointing`` (+ ``_policy``) to
-    ``model.activation_checkpointing``, so every strategy reads one key."""
-    m, f = cfg.model, cfg.distributed.fsdp_config
+def _check_aliases(cfg: Config) -> list[tuple[str, str]]:
+    """Problems with keys that are two names for one setting (see ``Config.activation_checkpointing``)."""
     try:
-        mode = f.activation_checkpointing_mode()
+        cfg.activation_checkpointing
     except ValueError as e:
-        key = "activation_checkpointing_policy" if f.activation_checkpointing_policy else "activation_checkpointing"
-        return [(f"distributed.fsdp_config.{key}", str(e))]
-    if mode == "none":
-        return []
-    if m.activation_checkpointing != "none":
-        return [("model.activation_checkpointing", _AC_CONFLICT.format(m.activation_checkpointing, mode))]
-    m.activation_checkpointing = mode  # type: ignore[assignment]
+        key, _, message = str(e).partition(": ")
+        return [(key, message)]
     return []
 
 
@@ -569,7 +561,7 @@ def config_from_dict(raw: dict[str, Any] | None, source: str | None = None) -> C
     # Cross-field checks run on what could be read, so one pass reports everything;
     # a key already reported is not reported again.
     reported = {k for k, _ in problems}
-    problems += [(k, m) for k, m in _resolve_aliases(cfg) + _validate(cfg) if k not in reported]
+    problems += [(k, m) for k, m in _check_aliases(cfg) + _validate(cfg) if k not in reported]
     if problems:
         raise ConfigError(problems, source)
     return cfg

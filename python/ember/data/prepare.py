@@ -109,15 +109,15 @@ def option_problems(
 
 def make_options(
     *,
-    tokenizer: str | os.PathLike = "byte",
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    validation_fraction: float | None = None,
-    validation_count: int | None = None,
-    bos: bool | None = None,
-    eos: bool | None = None,
-    text_field: str = "text",
-    txt_mode: str = "file",
-    skip_bad: bool = False,
+    tokenizer: str | os.PathLike,
+    shard_tokens: int,
+    validation_fraction: float | None,
+    validation_count: int | None,
+    bos: bool | None,
+    eos: bool | None,
+    text_field: str,
+    txt_mode: str,
+    skip_bad: bool,
     workers: int | None = None,
 ) -> PrepareOptions:
     """Checks prepare's arguments (raising :class:`PrepareError` listing every problem) and normalises them."""
@@ -649,10 +649,10 @@ def prepare(
 # -- for a training run ------------------------------------------------------------
 
 
-def ensure_prepared(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str | os.PathLike, *, workers: int | None = None,
-                    progress: bool | None = None, **options: Any) -> dict[str, Any]:
-    """The manifest of ``output``, preparing it first unless it is finished (an interrupted
-    one is resumed). ``options`` are :func:`prepare`'s.
+def ensure_prepared(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str | os.PathLike,
+                    options: PrepareOptions, *, workers: int | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """The manifest of ``output``, preparing it first (with ``options``, see :func:`make_options`)
+    unless it is finished; an interrupted one is resumed.
 
     A finished output is used as it is, after checking that it was made from these inputs
     and options (input files are not looked at, so the corpus need not be on the training
@@ -661,9 +661,9 @@ def ensure_prepared(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
     out = Path(output)
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
-        return prepare(inputs, output, workers=workers, progress=progress, **options)
+        return prepare(inputs, output, workers=workers, progress=progress, **asdict(options))
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    wanted = asdict(make_options(**options))
+    wanted = asdict(options)
     old = {"inputs": manifest.get("inputs"), "options": manifest.get("options")}
     new = {"inputs": _input_specs(inputs), "options": wanted}
     if old != new:
@@ -672,7 +672,7 @@ def ensure_prepared(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
             f"{k} {(old['options'] or {}).get(k)!r} -> {v!r}" for k, v in wanted.items() if (old["options"] or {}).get(k) != v
         ]
         raise PrepareError(
-            f"{out} was prepared from other inputs or options ({'; '.join(changes)}); "
-            "run `ember prepare CONFIG --overwrite` to rebuild it, or choose another output"
+            f"{out} was prepared from other inputs or options ({'; '.join(changes)}); prepare it again "
+            "(`ember prepare CONFIG --overwrite`, or prepare(..., overwrite=True)), or choose another output"
         )
     return manifest

@@ -17,11 +17,11 @@ def prepared_data_paths(data: DataSection, *, progress: bool | None = None) -> t
     """The train and validation paths of ``data.prepare``'s output, preparing it first
     unless it is finished (:func:`ember.data.prepare.ensure_prepared`). ``data.train`` and
     ``data.validation``, when given, take precedence over the prepared paths."""
-    from ember.data.prepare import ensure_prepared
+    from ember.data.prepare import ensure_prepared, make_options
 
     args = data.prepare_arguments()
-    manifest = ensure_prepared(**args, workers=data.prepare.workers, progress=progress)
-    out = Path(args["output"])
+    inputs, out = args.pop("inputs"), Path(args.pop("output"))
+    manifest = ensure_prepared(inputs, out, make_options(**args), workers=data.prepare.workers, progress=progress)
     train = data.train if data.train is not None else str(out / "train")
     validation = data.validation
     if validation is None and manifest["splits"]["validation"]["documents"]:

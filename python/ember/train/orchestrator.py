@@ -43,7 +43,11 @@ HF_EXPORT_DIR = "hf"
 
 
 class PretrainingOrchestrator:
-    """Trains the model a config describes; ``train()`` returns a summary dict."""
+    """Trains the model a config describes; ``train()`` returns a summary dict.
+
+    The config is read when the orchestrator is built (the architecture, the precision,
+    the parallel plan, the config saved with the run), so change the config before
+    building it, not after."""
 
     def __init__(self, config: Config, *, resume: str | None = None):
         self.config = config
