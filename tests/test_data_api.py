@@ -324,7 +324,7 @@ def test_native_loader_refuses_arrays_it_cannot_fill(tmp_path):
     refused(ValueError, r"position_ids: the array is not C-contiguous", position_ids=np.zeros((L, B), np.int64).T)
     refused(TypeError, r"labels: expected int64 elements \(typestr '<i8'\), got typestr '<i4'", labels=np.zeros((B, L), np.int32))
     refused(TypeError, r"cu_seqlens: expected int32 elements", cu_seqlens=np.zeros(B * L + 1, np.int64))
-    refused(TypeError, r"input_ids: expected a writable int64 NumPy array.*got Tensor", input_ids=torch.zeros(B, L, dtype=torch.int64))
+    refused(TypeError, r"input_ids: expected a writable int64 numpy.ndarray.*got Tensor", input_ids=torch.zeros(B, L, dtype=torch.int64))
     refused(TypeError, r"labels: .*got bytearray", labels=bytearray(B * L * 8))
     read_only = np.zeros((B, L), np.int64)
     read_only.flags.writeable = False
@@ -341,6 +341,42 @@ def test_native_loader_refuses_arrays_it_cannot_fill(tmp_path):
     refused(ValueError, r"input_ids of batch 0 of this call shares memory with labels of a batch still queued", input_ids=labels)
     loader.wait(queued.ticket)
     assert ids.tolist() == [list(range(0, 8)), list(range(8, 16))]
+
+
+def test_native_loader_writes_only_into_numpy_arrays_themselves(tmp_path):
+    # Anything else can state any address, and holding it does not hold that memory.
+    write(tmp_path / "a", [np.arange(1000) % 1000])
+    B, L = 2, 8
+    loader = _native.Loader([([str(tmp_path / "a")], 1.0)], L, B, shuffle=False, num_threads=1)
+    victim = np.full((B, L), -1, np.int64)
+    labels = np.full((B, L), -1, np.int64)
+    forged = {"version": 3, "shape": (B, L), "typestr": "<i8", "data": (victim.ctypes.data, False), "strides": None}
+
+    class Forged:
+        __array_interface__ = forged
+
+    class Lying(np.ndarray):
+        @property
+        def __array_interface__(self):
+            return forged
+
+    class Plain(np.ndarray):
+        pass
+
+    impostors = {"Forged": Forged(), "Lying": np.zeros((B, L), np.int64).view(Lying), "Plain": np.zeros((B, L), np.int64).view(Plain)}
+    for kind, impostor in impostors.items():
+        with pytest.raises(TypeError, match=rf"input_ids: expected a writable int64 numpy.ndarray \(not a subclass\).*got {kind}$"):
+            loader.submit([_native.BatchBuffers(impostor, labels)])
+        with pytest.raises(TypeError, match=rf"labels: .*got {kind}$"):
+            loader.submit([_native.BatchBuffers(np.zeros((B, L), np.int64), impostor)])
+    assert loader.planned_position == 0
+
+    # One thread fills batches in order: once this one is done, nothing refused above was queued.
+    tensors = [torch.full((B, L), -1, dtype=torch.int64) for _ in range(2)]
+    (planned,) = loader.submit([_native.BatchBuffers(tensors[0].numpy(), tensors[1].numpy())])
+    loader.wait(planned.ticket)
+    assert tensors[0].tolist() == [list(range(0, 8)), list(range(8, 16))]
+    assert (victim == -1).all() and (labels == -1).all()
 
 
 def test_native_loader_fills_the_arrays_in_place(tmp_path):

@@ -109,11 +109,17 @@ class Dataset:
 
 @final
 class BatchBuffers:
-    """The arrays one batch is written into, each a writable, C-contiguous NumPy array
-    (a CPU tensor's ``.numpy()`` view shares the tensor's memory): ``input_ids``,
-    ``labels`` and ``position_ids`` int64 with ``batch_size * seq_len`` values,
-    ``cu_seqlens`` int32 with ``batch_size * seq_len + 1``. ``Loader.submit`` checks
-    them, and holds this object until the batch is done."""
+    """The arrays one batch is written into, each a writable, C-contiguous
+    ``numpy.ndarray`` itself, not a subclass (a CPU tensor's ``.numpy()`` view shares
+    the tensor's memory): ``input_ids``, ``labels`` and ``position_ids`` int64 with
+    ``batch_size * seq_len`` values, ``cu_seqlens`` int32 with
+    ``batch_size * seq_len + 1``. ``Loader.submit`` checks them, and holds this
+    object, and so the arrays and the memory they keep alive, until the batch is done.
+
+    Until ``Loader.wait`` has returned for the batch (or ``cancel_all`` or ``seek``
+    has dropped it), loader threads write the arrays' memory: it must be neither
+    resized nor reallocated (``ndarray.resize(refcheck=False)``, ``Tensor.resize_``,
+    ``Tensor.set_``), nor read or written."""
 
     def __init__(
         self,

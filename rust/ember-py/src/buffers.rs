@@ -6,6 +6,14 @@
 //! NumPy's array interface (`__array_interface__`), which states the same facts:
 //! address, element type, shape, strides and whether the memory is read-only. A
 //! CPU torch tensor's `.numpy()` view, pinned or not, provides it with no copy.
+//!
+//! Only objects whose type is exactly `numpy.ndarray` are read. Any other object
+//! can state an arbitrary address (a class with a hand-written
+//! `__array_interface__`, or an ndarray subclass overriding the property), and
+//! holding such an object does not hold the memory it names. An exact ndarray's
+//! interface is NumPy's own account of its data, and the array keeps that memory
+//! alive: its own allocation, or its `base` (for `.numpy()`, the tensor, which
+//! holds its storage).
 
 use std::mem::{align_of, size_of};
 use std::ops::Range;
@@ -13,7 +21,8 @@ use std::ops::Range;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyString, PyType};
 
 /// An element type the loader writes, as NumPy names and encodes it.
 pub trait Element {
@@ -45,16 +54,23 @@ impl<T> OutArray<T> {
     }
 }
 
+/// `numpy.ndarray`, looked up once.
+static NDARRAY: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
 /// Reads `obj`'s array interface; `name` is the argument it was passed as, for errors.
+/// `obj` must be a `numpy.ndarray` itself, not a subclass (see the module comment).
 pub fn out_array<'py, T: Element>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<OutArray<T>> {
     let py = obj.py();
     let not_an_array = || {
         let kind = obj.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string());
         PyTypeError::new_err(format!(
-            "{name}: expected a writable {} NumPy array, such as a CPU tensor's .numpy() view; got {kind}",
+            "{name}: expected a writable {} numpy.ndarray (not a subclass), such as a CPU tensor's .numpy() view; got {kind}",
             T::NAME
         ))
     };
+    if !obj.is_exact_instance(NDARRAY.import(py, "numpy", "ndarray")?.as_any()) {
+        return Err(not_an_array());
+    }
     let iface = obj.getattr(intern!(py, "__array_interface__")).map_err(|_| not_an_array())?;
     let iface = iface.cast::<PyDict>().map_err(|_| not_an_array())?;
     let field = |key: &Bound<'py, PyString>| -> PyResult<Bound<'py, PyAny>> {

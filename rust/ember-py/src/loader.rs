@@ -1,10 +1,11 @@
 //! `Loader`: the batch pipeline, and the named types that cross its boundary.
 
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::ops::Range;
 use std::path::PathBuf;
 
-use ember_data::{self as core, LoaderOptions, Outputs, Ticket};
+use ember_data::{self as core, Filled, LoaderOptions, Outputs, Ticket};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -12,7 +13,8 @@ use crate::buffers::{out_array, Element};
 use crate::{probe_options, to_py};
 
 /// The arrays one batch is written into. Python allocates them; the loader keeps
-/// this object, and so the arrays, until the batch is done.
+/// this object, and so the arrays, until the batch is done. Frozen, so that the
+/// arrays a queued batch is written into cannot be swapped for others.
 #[pyclass(module = "ember._native", frozen)]
 pub struct BatchBuffers {
     #[pyo3(get)]
@@ -209,9 +211,25 @@ impl Loader {
         if group.is_empty() {
             return Ok(Vec::new());
         }
-        // SAFETY: `outputs` checked that each array is writable, contiguous,
-        // aligned and sized for `batch_size` rows, and `check_disjoint` that no
-        // two fills share memory; `pending` holds each array until `wait` or drop.
+        // SAFETY: `submit_group` needs memory that stays valid, and that nothing
+        // else touches, until each ticket completes.
+        // What this method guarantees: `outputs` accepted only arrays whose type
+        // is exactly `numpy.ndarray`, writable, C-contiguous, aligned and exactly
+        // as long as a batch of `batch_size` rows of `seq_len` tokens needs, so
+        // each fill stays inside memory NumPy itself lets Python write through them;
+        // `check_disjoint` found no byte shared by two fills, new or queued; and
+        // `pending` holds each (frozen) `BatchBuffers` until `wait`, `cancel_all`,
+        // `seek` or drop has waited for its fill. An ndarray keeps its memory
+        // alive while it lives: its own allocation, or its `base` (for a
+        // `.numpy()` view, the tensor, which holds its storage).
+        // What the caller promises, as the `BatchBuffers` docstring in
+        // `python/ember/_native.pyi` and docs/data-loader.md state: until the batch
+        // is waited for, the memory behind the arrays is neither resized nor
+        // reallocated (`ndarray.resize(refcheck=False)`, `Tensor.resize_`,
+        // `Tensor.set_`), nor read or written. NumPy's unchecked constructors
+        // (`as_strided`, an ndarray over a foreign `__array_interface__`) can make
+        // an array that names memory it does not hold; writing through one is as
+        // unsound here as it is in NumPy.
         let tickets = unsafe { self.inner.submit_group(group) };
         let mut out = Vec::with_capacity(tickets.len());
         for (ticket, (buffers, regions, rows, start, end)) in tickets.into_iter().zip(planned) {
@@ -226,16 +244,13 @@ impl Loader {
     /// Blocks, without the GIL, until batch `ticket` is written.
     fn wait(&mut self, py: Python<'_>, ticket: u64) -> PyResult<FilledBatch> {
         let p = self.pending.remove(&ticket).ok_or_else(|| PyValueError::new_err(format!("unknown batch ticket {ticket}")))?;
-        let r = py.detach(|| p.ticket.wait());
-        drop(p.buffers);
-        let f = r.map_err(to_py)?;
+        let f = settle(py, vec![p]).pop().expect("one result per batch").map_err(to_py)?;
         Ok(FilledBatch { num_cu_seqlens: f.num_cu_seqlens, max_seqlen: f.max_seqlen })
     }
 
     /// Waits for every queued batch and forgets them.
     fn cancel_all(&mut self, py: Python<'_>) {
-        let pending: Vec<_> = self.pending.drain().map(|(_, p)| p).collect();
-        py.detach(|| pending.into_iter().for_each(|p| drop(p.ticket.wait())));
+        settle(py, self.pending.drain().map(|(_, p)| p).collect());
     }
 
     /// Repositions the stream at global sample `position`; queued batches are dropped.
@@ -299,11 +314,26 @@ impl Loader {
     }
 }
 
+/// Waits for `batches`' fills without the GIL, then releases their arrays with it
+/// held: a `Py` dropped without the GIL would only be queued for a later release.
+fn settle(py: Python<'_>, batches: Vec<Pending>) -> Vec<core::Result<Filled>> {
+    let (tickets, buffers): (Vec<Ticket>, Vec<Py<BatchBuffers>>) = batches.into_iter().map(|p| (p.ticket, p.buffers)).unzip();
+    // Should a wait panic, later fills may still be writing: the arrays are then
+    // leaked rather than freed under them.
+    let buffers = ManuallyDrop::new(buffers);
+    let results = py.detach(|| tickets.into_iter().map(Ticket::wait).collect());
+    drop(ManuallyDrop::into_inner(buffers));
+    results
+}
+
 impl Drop for Loader {
     fn drop(&mut self) {
         // Buffers must outlive their fills even if Python never called `wait`.
-        for (_, p) in self.pending.drain() {
-            let _ = p.ticket.wait();
+        // Python drops a `Loader` from its deallocator, which holds the GIL, so
+        // `attach` here only takes a token for the GIL already held.
+        let pending: Vec<Pending> = self.pending.drain().map(|(_, p)| p).collect();
+        if !pending.is_empty() {
+            Python::attach(|py| settle(py, pending));
         }
     }
 }
