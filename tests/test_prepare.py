@@ -673,3 +673,52 @@ def test_native_jsonl_reads_what_python_reads(record, ascii_only, junk):
     for text, raw in zip(texts[1:], damaged):
         if text is not None:  # whatever the fast path takes, Python reads the same
             assert json.loads(raw)["text"] == text
+
+
+# -- truncated compressed inputs -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_a_truncated_zst_or_gzip_input_is_refused_with_the_same_message(tmp_path, texts, ember, kind):
+    zstandard = pytest.importorskip("zstandard")
+    if kind == "txt":
+        data = "\n".join(texts[:20]).encode()
+    else:
+        data = b"".join(json.dumps({"text": t}).encode() + b"\n" for t in texts[:20])
+    # Two zstd frames, the file cut in the middle of the second: the first frame alone
+    # would decompress cleanly, so only the frame structure tells that bytes are missing.
+    half = len(data) // 2
+    compressor = zstandard.ZstdCompressor()
+    first = compressor.compress(data[:half])
+    zst = first + compressor.compress(data[half:])
+    gz = gzip.compress(data)
+    cut = {"zst": zst[: len(zst) - len(zst) // 4], "gz": gz[: len(gz) // 2]}
+    assert len(first) < len(cut["zst"])
+    messages = {}
+    for suffix, content in cut.items():
+        path = tmp_path / f"corpus.{kind}.{suffix}"
+        path.write_bytes(content)
+        for skip_bad in (False, True):
+            with pytest.raises(PrepareError) as ei:
+                prepare(path, tmp_path / f"out-{suffix}-{skip_bad}", txt_mode="line", skip_bad=skip_bad)
+        messages[suffix] = str(ei.value)
+        rc, out, err = ember("prepare", path, "-o", tmp_path / f"cli-{suffix}", "--txt-mode", "line")
+        assert rc == 2 and f"ember prepare: error: {path.as_posix()}: " in err and "Traceback" not in err
+    compression = {"zst": "zstd", "gz": "gzip"}
+    for suffix, message in messages.items():
+        size = len(cut[suffix])
+        assert message == (
+            f"{(tmp_path / f'corpus.{kind}.{suffix}').as_posix()}: cannot read it ({compression[suffix]} file): "
+            f"it ends at byte {size} in the middle of compressed data: the file is truncated (copy or download it again)"
+        )
+
+
+def test_zst_inputs_with_several_and_skippable_frames_are_read_whole(tmp_path, texts):
+    zstandard = pytest.importorskip("zstandard")
+    data = "\n".join(texts[:6]).encode()
+    compressor = zstandard.ZstdCompressor(write_checksum=True)
+    skippable = b"\x50\x2a\x4d\x18" + (3).to_bytes(4, "little") + b"abc"
+    parts = [compressor.compress(data[:100]), skippable, zstandard.ZstdCompressor().compress(b""), compressor.compress(data[100:])]
+    (tmp_path / "a.txt.zst").write_bytes(b"".join(parts))
+    prepare(tmp_path / "a.txt.zst", tmp_path / "out")
+    assert byte_texts(tmp_path / "out" / "train") == [data.decode()]

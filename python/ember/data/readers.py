@@ -161,6 +161,79 @@ def expand_inputs(specs: list[str]) -> list[SourceFile]:
 # -- documents in one file --------------------------------------------------------
 
 
+# The EOFError Python's gzip module raises for a file that ends inside a member; a .zst
+# file that ends inside a frame raises the same, and both are reported alike.
+TRUNCATED = "Compressed file ended before the end-of-stream marker was reached"
+
+
+class _ZstdFrames:
+    """The compressed bytes of a .zst file on their way to the decompressor, followed frame by
+    frame so that a file that ends inside a frame raises ``EOFError``. zstandard's stream
+    reader returns what it has decoded when its input ends, complete frame or not, so a
+    truncated file would otherwise read as a shorter one. Only the headers are parsed (the
+    frame and block headers of RFC 8878, section 3.1), to know where each frame ends; bytes
+    that are not zstd are passed on for the decompressor to refuse."""
+
+    _MAGIC = 0xFD2FB528
+    _SKIPPABLE = 0x184D2A50  # the 16 magic numbers of skippable frames, low 4 bits cleared
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._offset = 0  # bytes passed on
+        self._next = 0  # where the next header starts
+        self._header = bytearray()
+        self._want = 4  # header bytes needed, and which header they make:
+        self._expect = "magic"  # "magic", "skippable size", "descriptor", "rest" (of the frame header) or "block"
+        self._checksum = 0  # bytes of content checksum after the frame's last block
+        self._following = True  # False once the bytes are not zstd
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        if data:
+            self._follow(data)
+        elif self._following and (self._expect != "magic" or self._header or self._next > self._offset):
+            raise EOFError(TRUNCATED)
+        return data
+
+    def _follow(self, data: bytes) -> None:
+        end = self._offset + len(data)
+        while self._following and self._next < end:
+            i = self._next - self._offset
+            part = data[i : i + self._want - len(self._header)]
+            self._header += part
+            self._next += len(part)
+            if len(self._header) == self._want:
+                self._on_header(bytes(self._header))
+                self._header.clear()
+        self._offset = end
+
+    def _on_header(self, h: bytes) -> None:
+        value = int.from_bytes(h, "little")
+        if self._expect == "magic":
+            if value == self._MAGIC:
+                self._expect, self._want = "descriptor", 1
+            elif value & ~0xF == self._SKIPPABLE:
+                self._expect, self._want = "skippable size", 4
+            else:
+                self._following = False
+        elif self._expect == "skippable size":
+            self._next += value
+            self._expect, self._want = "magic", 4
+        elif self._expect == "descriptor":
+            content_size, single_segment, dictionary_id = value >> 6, value >> 5 & 1, value & 3
+            self._checksum = 4 if value >> 2 & 1 else 0
+            rest = (0 if single_segment else 1) + (0, 1, 2, 4)[dictionary_id] + (single_segment, 2, 4, 8)[content_size]
+            self._expect, self._want = ("rest", rest) if rest else ("block", 3)
+        elif self._expect == "rest":
+            self._expect, self._want = "block", 3
+        else:  # a block header: last-block bit, type (raw, RLE, compressed), size
+            last, kind, size = value & 1, value >> 1 & 3, value >> 3
+            self._next += 1 if kind == 1 else size  # an RLE block holds one byte, repeated size times
+            if last:
+                self._next += self._checksum
+                self._expect, self._want = "magic", 4
+
+
 def _open_binary(src: SourceFile, raw: BinaryIO) -> BinaryIO:
     if src.compression == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
@@ -169,7 +242,8 @@ def _open_binary(src: SourceFile, raw: BinaryIO) -> BinaryIO:
             import zstandard
         except ImportError:
             raise missing_dependency("zstandard", f"{src.name}: reading .zst files") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), 1 << 20)  # type: ignore[arg-type]
+        reader = zstandard.ZstdDecompressor().stream_reader(_ZstdFrames(raw), read_across_frames=True)
+        return io.BufferedReader(reader, 1 << 20)  # type: ignore[arg-type]
     return raw
 
 
@@ -216,7 +290,13 @@ class FileReader:
         except _read_errors() as e:
             if isinstance(e, FileNotFoundError):
                 raise PrepareError(f"{self.src.name}: the file disappeared while preparing") from None
-            raise PrepareError(f"{self.src.name}: cannot read it ({self.src.compression or 'plain'} file): {e}") from None
+            what = f"{self.src.name}: cannot read it ({self.src.compression or 'plain'} file)"
+            if isinstance(e, EOFError):
+                raise PrepareError(
+                    f"{what}: it ends at byte {self.src.size} in the middle of compressed data: "
+                    "the file is truncated (copy or download it again)"
+                ) from None
+            raise PrepareError(f"{what}: {e}") from None
         self._done = True
         if self.stats.documents == 0 and not self.src.builtin:
             self._empty_file()
