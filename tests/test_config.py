@@ -184,3 +184,177 @@ def test_both_activation_checkpointing_keys_are_refused_when_the_config_is_read(
     cfg.distributed.fsdp_config.activation_checkpointing = "sometimes"
     with pytest.raises(ValueError, match=r"distributed\.fsdp_config\.activation_checkpointing: unknown policy 'sometimes'"):
         cfg.activation_checkpointing
+
+
+# -- files and values that must be refused up front, naming the file, line or key ----------
+
+
+def test_a_config_that_is_not_utf8_text_is_refused_naming_the_file_and_offset(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("model:\n  preset: tiny\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as ei:
+        load_config(bad)
+    assert ei.value.source == str(bad)
+    ((where, message),) = ei.value.problems
+    assert where == "line 3, byte 27" and "not UTF-8 text" in message and "\\xe9" in message
+    # Valid UTF-8 that holds characters YAML refuses (a binary file of zeros, say).
+    binary = tmp_path / "zeros.yaml"
+    binary.write_bytes(b"model:\n" + bytes(64))
+    with pytest.raises(ConfigError) as ei:
+        load_config(binary)
+    ((where, message),) = ei.value.problems
+    assert ei.value.source == str(binary) and where.startswith("line 2") and "#x0000" in message and "binary" in message
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        "model:\n"  # 1
+        "  preset: tiny\n"  # 2
+        "training:\n"  # 3
+        "  max_steps: 10\n"  # 4
+        "  batch_size: 2\n"  # 5
+        "  batch_size: 4\n"  # 6
+        "data:\n"  # 7
+        "  train: x\n"  # 8
+        "  train: y\n"  # 9
+        "  train: z\n"  # 10
+        "logging: {run_name: a}\n"  # 11
+        "training:\n"  # 12
+        "  warmup_steps: 1\n"  # 13
+    )
+    with pytest.raises(ConfigError) as ei:
+        load_config(path)
+    assert ei.value.source == str(path)
+    assert ei.value.problems == [
+        ("training", "given twice, at lines 3 and 12; give each key once (YAML would keep only the last)"),
+        ("training.batch_size", "given twice, at lines 5 and 6; give each key once (YAML would keep only the last)"),
+        ("data.train", "given 3 times, at lines 8, 9 and 10; give each key once (YAML would keep only the last)"),
+    ]
+
+
+def test_merge_keys_and_overrides_still_replace_values(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("model: {preset: tiny}\ntraining: {batch_size: 2, max_steps: 10, warmup_steps: 1}\ndata: {train: x, seq_len: 32}\n")
+    cfg = load_config(path, ["training.batch_size=3", "training.batch_size=5"])
+    assert cfg.training.batch_size == 5
+    # A YAML merge key (<<) followed by the key it replaces is not a repeated key.
+    path.write_text(
+        "model: {preset: tiny}\n"
+        "training:\n  <<: {batch_size: 2, max_steps: 10}\n  batch_size: 4\n  warmup_steps: 1\n"
+        "data: {train: x, seq_len: 32}\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.training.batch_size, cfg.training.max_steps) == (4, 10)
+    # Only safe YAML is read, as yaml.safe_load reads it.
+    path.write_text("model: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        load_config(path)
+    # An integer Python refuses to read (over 4,300 digits) is reported at its line.
+    path.write_text("model: {preset: tiny}\ntraining:\n  max_steps: 1" + "0" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"line 3, column 14: YAML error: an integer of 5001 characters, too long to read"):
+        load_config(path)
+    # Within one override's value, a repeated key is refused like one in the file.
+    with pytest.raises(ConfigError, match=r"data\.train\.a: given twice in the override"):
+        load_config("quickstart", ["data.train={a: 1, a: 2}"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("training.learning_rate=.inf", "training.learning_rate"),
+        ("training.learning_rate=nan", "training.learning_rate"),
+        ("training.clip_grad_norm=.nan", "training.clip_grad_norm"),
+        ("training.min_lr_ratio=.nan", "training.min_lr_ratio"),
+        ("training.weight_decay=.inf", "training.weight_decay"),
+        ("training.eps=.inf", "training.eps"),
+        ("training.betas=[0.9, .nan]", "training.betas"),
+        ("training.time_budget=.inf", "training.time_budget"),
+        ("data.train={a: .inf, b: 1}", "data.train"),
+        ("model.rms_norm_eps=.inf", "model.rms_norm_eps"),
+        ("model.rope_theta=.nan", "model.rope_theta"),
+        ("model.initializer_range=.inf", "model.initializer_range"),
+        ("training.learning_rate=1" + "0" * 400, "training.learning_rate"),
+        ("training.time_budget=" + "9" * 400 + "d", "training.time_budget"),
+    ],
+)
+def test_float_keys_refuse_infinity_and_nan(override, key):
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", [override])
+    problems = dict(ei.value.problems)
+    assert "finite" in problems[key], ei.value.problems
+
+
+def test_rope_scaling_numbers_must_be_finite():
+    scaling = "{rope_type: llama3, factor: .inf, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192}"
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", [f"model.rope_scaling={scaling}"])
+    assert "finite" in dict(ei.value.problems)["model.rope_scaling.factor"]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "training.batch_size",
+        "training.gradient_accumulation_steps",
+        "training.max_steps",
+        "training.max_tokens",
+        "training.seed",
+        "training.eval_batches",
+        "data.seq_len",
+        "data.num_threads",
+        "data.prefetch",
+        "checkpoint.every_n_steps",
+        "checkpoint.keep_last",
+        "logging.log_every",
+        "model.hidden_size",
+        "model.vocab_size",
+    ],
+)
+def test_integers_beyond_64_bits_are_refused_naming_the_key(key):
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", [f"{key}=100000000000000000000", "training.warmup_steps=0"])
+    problems = dict(ei.value.problems)
+    assert key in problems and "100000000000000000000" in problems[key], ei.value.problems
+
+
+def test_sizes_that_fit_64_bits_but_no_memory_are_refused():
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", ["training.batch_size=10000000000", "data.num_threads=100000", "model.hidden_size=4294967296"])
+    problems = dict(ei.value.problems)
+    assert "tokens per micro-batch" in problems["training.batch_size"]
+    assert "at most 1024" in problems["data.num_threads"]
+    assert "at most 2147483647" in problems["model.hidden_size"]
+
+
+def test_prefetch_is_capped_and_the_message_says_the_memory():
+    cfg = load_config("quickstart", ["data.prefetch=64"])
+    assert cfg.data.prefetch == 64
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", ["data.prefetch=1000000", "training.batch_size=8", "data.seq_len=512"])
+    message = dict(ei.value.problems)["data.prefetch"]
+    # 8 x 512 tokens x 16 bytes = 64 KiB a batch; a million of them is 61.0 GiB.
+    assert "at most 64" in message and "61.0 GiB" in message, message
+
+
+def test_checkpoint_and_run_directories_that_are_files_are_refused(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    base = [f"logging.run_dir={tmp_path / 'runs'}"]
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", [*base, f"checkpoint.dir={blocker}"])
+    assert dict(ei.value.problems)["checkpoint.dir"] == f"{blocker} is a file, not a directory; name a directory, or move the file"
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", [*base, f"checkpoint.dir={blocker / 'ckpt'}"])
+    assert f"{blocker} is a file, so {blocker / 'ckpt'}, the checkpoint directory, cannot be made under it" in dict(ei.value.problems)["checkpoint.dir"]
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", [f"logging.run_dir={blocker}"])
+    assert f"{blocker} is a file" in dict(ei.value.problems)["logging.run_dir"]
+    # The default checkpoint directory, <run dir>/checkpoints, is checked too.
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    (tmp_path / "runs" / "quickstart" / "checkpoints").write_text("")
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", base)
+    assert "checkpoints is a file" in dict(ei.value.problems)["checkpoint.dir"]
+    (tmp_path / "runs" / "quickstart" / "checkpoints").unlink()
+    assert load_config("quickstart", base).checkpoint_dir == tmp_path / "runs" / "quickstart" / "checkpoints"

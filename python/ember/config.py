@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import re
 import types
 import typing
@@ -94,6 +95,7 @@ class TrainingSection:
     eval_every: int | None = None  # steps between validations (None: only at the end)
     eval_batches: int | None = 50  # None: the whole validation set
     warmup_monitor_steps: int = 2  # steps excluded from throughput (warm-up, compilation)
+    max_skipped_steps: int = 5  # non-finite steps in a row (each skipped) before the run stops
 
 
 @dataclass
@@ -298,14 +300,16 @@ def _coerce(value: Any, tp: Any) -> Any:
     if tp is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _NO
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                return _NO
-        return _NO
+        # YAML 1.1 reads "3e-4" (no dot) as a string, so strings are read as numbers too.
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return _NO
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):  # OverflowError: an integer beyond the float range
+            return _NO
+        # No key means anything by inf or nan (.inf, .nan in YAML): a learning rate, a norm or
+        # a weight that is not finite turns every value it touches into nan.
+        return number if math.isfinite(number) else _NO
     if tp is str:
         return value if isinstance(value, str) else _NO
     if origin is list:
@@ -327,6 +331,57 @@ def _coerce(value: Any, tp: Any) -> Any:
         out = {_coerce(k, k_tp): _coerce(v, v_tp) for k, v in value.items()}
         return _NO if any(k is _NO or v is _NO for k, v in out.items()) else out
     raise TypeError(f"unsupported config type {tp}")
+
+
+def _show(value: Any) -> str:
+    """``value`` as a message shows it; an integer of thousands of digits by its length."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"a {len(str(abs(value)))}-digit integer"
+    return repr(value)
+
+
+def _not_finite(value: Any) -> bool:
+    """Whether ``value`` is, or holds, a number that no float key can take: inf, nan, or an
+    integer beyond the float range."""
+    if isinstance(value, (list, tuple)):
+        return any(_not_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_not_finite(v) for v in value.values())
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    try:
+        number = float(value)
+    except ValueError:
+        return False
+    except OverflowError:
+        return True
+    return not math.isfinite(number)
+
+
+def _takes_float(tp: Any) -> bool:
+    if tp is float:
+        return True
+    return typing.get_origin(tp) is not Literal and any(_takes_float(a) for a in typing.get_args(tp))
+
+
+def _type_problem(value: Any, tp: Any) -> str:
+    """Why ``value`` (which ``_coerce`` refused) is not a ``tp``."""
+    if _takes_float(tp) and _not_finite(value):
+        many = isinstance(value, (list, tuple, dict))
+        return f"{'every number must be' if many else 'must be'} finite, got {_show(value)}"
+    return f"expected {_type_name(tp)}, got {_show(value)}"
+
+
+# The range of a signed 64-bit integer, what torch and the Rust loader take. Every integer
+# key is checked against it as it is read, so a typo such as 10**20 is reported here, naming
+# the key, not as an OverflowError when the value reaches them.
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _int_problem(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+        return f"must fit in a signed 64-bit integer (at most {_INT64[1]}), got {_show(value)}"
+    return None
 
 
 def _unknown(key: str, known: typing.Iterable[str]) -> str:
@@ -358,7 +413,9 @@ def _build(cls: type, data: Any, path: str, problems: list[tuple[str, str]]) -> 
             continue
         coerced = _coerce(value, tp)
         if coerced is _NO:
-            problems.append((key_path, f"expected {_type_name(tp)}, got {value!r}"))
+            problems.append((key_path, _type_problem(value, tp)))
+        elif problem := _int_problem(coerced):
+            problems.append((key_path, problem))
         else:
             kwargs[key] = coerced
     if cls is ModelSection and "arch" in kwargs:
@@ -372,7 +429,9 @@ def _check_arch(arch: dict[str, Any], path: str, problems: list[tuple[str, str]]
     for key, value in arch.items():
         coerced = _coerce(value, hints[key])
         if coerced is _NO:
-            problems.append((f"{path}.{key}", f"expected {_type_name(hints[key])}, got {value!r}"))
+            problems.append((f"{path}.{key}", _type_problem(value, hints[key])))
+        elif problem := _int_problem(coerced):
+            problems.append((f"{path}.{key}", problem))
         else:
             out[key] = coerced
     return out
@@ -392,6 +451,62 @@ def parse_duration(value: str | float | int) -> float:
     if not m:
         raise ValueError(f"cannot read {value!r} as a duration; use seconds or a number with s, m, h or d")
     return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
+
+
+# Upper bounds within the 64-bit range. Each is far above any real run: they refuse a typo
+# (a few zeros too many) here, naming the key, instead of an allocation that cannot succeed,
+# or a loader that holds memory without bound, once training starts.
+# A micro-batch is batch_size x seq_len tokens, held as int64 inputs and labels (16 bytes a
+# token) on the host: at 2**31 tokens that is 32 GiB for one batch, before the model sees it.
+MAX_BATCH_TOKENS = 2**31 - 1
+# Each batch prepared ahead is host memory, pinned (page-locked, never paged out) when
+# training on a GPU. Batches ahead only cover a read that is slower than usual; beyond a few
+# dozen they hold memory and nothing more.
+MAX_PREFETCH = 64
+# Each loader thread is an operating-system thread, all started with the loader.
+MAX_THREADS = 1024
+# Any model dimension. The Llama presets' largest is 131,072 (positions); at 2**31 a single
+# weight matrix with a width of 1,024 is 4 TiB in bf16.
+MAX_ARCH_SIZE = 2**31 - 1
+_ARCH_SIZES = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings",
+)  # fmt: skip
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        nbytes /= 1024
+        if nbytes < 1024:
+            break
+    return f"{nbytes:.1f} {unit}"
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The file (not a directory) at ``path`` or above it that stops ``path`` from being
+    made a directory, if there is one."""
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():  # a dangling link cannot be made a directory either
+            return None if p.is_dir() else p
+    return None
+
+
+def _directory_problems(cfg: Config) -> list[tuple[str, str]]:
+    """The run and checkpoint directories are made at the first log line and the first save,
+    possibly hours in: a file in their place is reported now."""
+    p = []
+    for key, path, what in (
+        ("logging.run_dir", cfg.run_dir, "the run directory"),
+        ("checkpoint.dir", cfg.checkpoint_dir, "the checkpoint directory" + ("" if cfg.checkpoint.dir else " (by default <run dir>/checkpoints)")),
+    ):
+        blocker = _file_in_the_way(path)
+        if blocker == path:
+            p.append((key, f"{path} is a file, not a directory; name a directory, or move the file"))
+        elif blocker is not None:
+            p.append((key, f"{blocker} is a file, so {path}, {what}, cannot be made under it; name another directory, or move the file"))
+        if blocker is not None:
+            break  # the checkpoint directory is usually under the run directory: one report
+    return p
 
 
 _AC_CONFLICT = (
@@ -436,6 +551,12 @@ def _validate(cfg: Config) -> list[tuple[str, str]]:
             p.append(("model", f"no preset given and the architecture is incomplete: {detail}"))
         else:
             p += [(f"model.{k}", msg) for k, msg in llama.validate()]
+            for k in _ARCH_SIZES:
+                if (value := getattr(llama, k)) is not None and value > MAX_ARCH_SIZE:
+                    p.append((f"model.{k}", f"must be at most {MAX_ARCH_SIZE}, got {value}"))
+            for k, value in (llama.rope_scaling or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and _not_finite(value):
+                    p.append((f"model.rope_scaling.{k}", f"must be finite, got {_show(value)}"))
             if llama.max_position_embeddings < d.seq_len and m.init_from is None:
                 p.append(("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings ({llama.max_position_embeddings})"))
 
@@ -460,14 +581,17 @@ def _validate(cfg: Config) -> list[tuple[str, str]]:
         p.append(("training.max_tokens", f"must be positive, got {t.max_tokens}"))
     if t.time_budget is not None:
         try:
-            if parse_duration(t.time_budget) <= 0:
-                p.append(("training.time_budget", "must be positive"))
+            seconds = parse_duration(t.time_budget)
+            if not 0 < seconds < math.inf:  # "999...9d" reads as inf seconds
+                p.append(("training.time_budget", f"must be positive and finite, got {t.time_budget!r}"))
         except ValueError as e:
             p.append(("training.time_budget", str(e)))
     if t.eval_every is not None and t.eval_every < 1:
         p.append(("training.eval_every", f"must be at least 1 or null, got {t.eval_every}"))
     if t.eval_batches is not None and t.eval_batches < 1:
         p.append(("training.eval_batches", f"must be at least 1 or null, got {t.eval_batches}"))
+    if t.max_skipped_steps < 1:
+        p.append(("training.max_skipped_steps", f"must be at least 1, got {t.max_skipped_steps}"))
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         p.append(("training.device", f"expected auto, cpu, cuda or cuda:N, got {t.device!r}"))
 
@@ -483,6 +607,21 @@ def _validate(cfg: Config) -> list[tuple[str, str]]:
         p.append(("data.seq_len", f"must be at least 1, got {d.seq_len}"))
     if d.num_threads < 1 or d.prefetch < 1:
         p.append(("data", "num_threads and prefetch must be at least 1"))
+    if d.num_threads > MAX_THREADS:
+        p.append(("data.num_threads", f"must be at most {MAX_THREADS} (each is a thread started with the loader), got {d.num_threads}"))
+    batch_tokens = t.batch_size * d.seq_len
+    if batch_tokens > MAX_BATCH_TOKENS:
+        p.append((
+            "training.batch_size",
+            f"{t.batch_size} samples of data.seq_len {d.seq_len} tokens is {batch_tokens} tokens per micro-batch, "
+            f"above the limit of {MAX_BATCH_TOKENS} ({_size(16 * batch_tokens)} of inputs and labels for one batch)",
+        ))
+    if d.prefetch > MAX_PREFETCH:
+        p.append((
+            "data.prefetch",
+            f"must be at most {MAX_PREFETCH}, got {d.prefetch}: each batch prepared ahead holds {t.batch_size} x {d.seq_len} tokens "
+            f"at 16 bytes in host memory (pinned on a GPU), {_size(16 * batch_tokens * d.prefetch)} for {d.prefetch} batches",
+        ))
     p += _validate_prepare(d)
 
     if c.every_n_steps is not None and c.every_n_steps < 1:
@@ -496,6 +635,8 @@ def _validate(cfg: Config) -> list[tuple[str, str]]:
         p.append(("logging.log_every", f"must be at least 1, got {lg.log_every}"))
     if lg.run_name is not None and (not lg.run_name or "/" in lg.run_name or lg.run_name in (".", "..")):
         p.append(("logging.run_name", f"must be a plain directory name, got {lg.run_name!r}"))
+    else:
+        p += _directory_problems(cfg)
     return p
 
 
@@ -526,16 +667,84 @@ def _validate_prepare(d: DataSection) -> list[tuple[str, str]]:
 # Loading
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (the same safe constructs), with an integer too long for
+    Python to read (over 4,300 digits) reported at its line instead of as a bare ValueError."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python refuses to convert integers of over 4,300 digits
+            problem = f"an integer of {len(node.value)} characters, too long to read"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _repeated_keys(loader: _Loader, root: yaml.Node) -> list[tuple[str, list[int]]]:
+    """Keys given more than once in one mapping, as ``(key path, 1-based lines)`` ordered by
+    first line. YAML keeps the last silently: a second ``training:`` section would discard
+    the first. A merge key (``<<``) and the keys after it that replace merged values are
+    not repeats."""
+    found: list[tuple[str, list[int]]] = []
+    visited: set[int] = set()  # an alias names a node already walked (and may name its own parent)
+
+    def walk(node: yaml.Node, path: str) -> None:
+        if id(node) in visited:
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{path}[{i}]")
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[Any, list[int]] = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE:
+                    key = loader.construct_object(key_node)  # so that 1 and 0x1, or true and True, are one key
+                    lines.setdefault(key, []).append(key_node.start_mark.line + 1)
+                    walk(value_node, f"{path}.{key}" if path else str(key))
+                else:
+                    walk(value_node, path)
+            found.extend((f"{path}.{k}" if path else str(k), at) for k, at in lines.items() if len(at) > 1)
+
+    walk(root, "")
+    return sorted(found, key=lambda item: item[1][0])
+
+
+def _load_yaml(text: str) -> tuple[Any, list[tuple[str, list[int]]]]:
+    """The document in ``text`` as ``yaml.safe_load`` reads it, or None with the repeated keys
+    (see :func:`_repeated_keys`) when there are any; raises ``yaml.YAMLError``."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, []
+        repeated = _repeated_keys(loader, node)
+        return (None if repeated else loader.construct_document(node)), repeated
+    finally:
+        loader.dispose()
+
+
+def _times(n: int) -> str:
+    return "twice" if n == 2 else f"{n} times"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"training.max_steps=100"`` -> (["training", "max_steps"], 100); the value is read as YAML."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError([(text, "an override must look like section.key=value")])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value, repeated = _load_yaml(raw) if raw.strip() else (None, [])
     except yaml.YAMLError as e:
-        raise ConfigError([(key.strip(), f"cannot read value {raw!r}: {e}")]) from None
-    return key.strip().split("."), value
+        raise ConfigError([(key, f"cannot read value {raw!r}: {e}")]) from None
+    if repeated:
+        raise ConfigError([(f"{key}.{path}", f"given {_times(len(at))} in the override {text!r}") for path, at in repeated])
+    return key.split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
@@ -568,18 +777,41 @@ def config_from_dict(raw: dict[str, Any] | None, source: str | None = None) -> C
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of sections in a YAML file; every problem with the file itself (not UTF-8,
+    YAML syntax, a key given twice) raises :class:`ConfigError` naming the file and line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError([("", f"cannot read the file: {e.strerror or e}")], str(path)) from None
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        where = f"line {line}, byte {e.start}"
+        problem = f"the file is not UTF-8 text ({e.reason}: {data[e.start:e.start + 4]!r}); a config is a YAML file saved as UTF-8"
+        raise ConfigError([(where, problem)], str(path)) from None
+    try:
+        raw, repeated = _load_yaml(text)
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow, as in a binary file
+        line = text.count("\n", 0, e.position) + 1
+        where = f"line {line}, byte {len(text[:e.position].encode())}"
+        problem = f"character #x{e.character:04x}, which YAML does not allow ({e.reason}); is this a binary file?"
+        raise ConfigError([(where, problem)], str(path)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError([(where, f"YAML syntax error: {problem}")], str(path)) from None
+        kind = "YAML error" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error"
+        raise ConfigError([(where, f"{kind}: {problem}")], str(path)) from None
+    if repeated:
+        problems = []
+        for key, at in repeated:
+            lines = ", ".join(map(str, at[:-1])) + f" and {at[-1]}"
+            problems.append((key, f"given {_times(len(at))}, at lines {lines}; give each key once (YAML would keep only the last)"))
+        raise ConfigError(problems, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
