@@ -5,7 +5,8 @@ Run (see benchmarks/README.md)::
     pytest benchmarks/test_loader.py --benchmark-json=/tmp/loader_bench.json   # full size, a few minutes
     EMBER_BENCH_SMALL=1 pytest benchmarks/test_loader.py --benchmark-disable    # smoke, < 60 s
 
-(a)-(d) tokens/s at seq_len 2048, batch 8 from one page-cached uint16 shard;
+(a)-(d) tokens/s at seq_len 2048, batch 8 from one page-cached uint16 shard,
+(a'') with and without the vocabulary check, in alternating rounds;
 (e) the consumer thread's cost per batch; (f) start-up time and memory against
 the number of documents and of shard files. Every figure lands in
 ``benchmark.extra_info`` and in a table printed at the end of the session.
@@ -41,7 +42,7 @@ from loader_bench_common import (  # benchmarks/ is on sys.path when pytest coll
     load_between,
     tokens_per_batch,
 )
-from ember.data import TokenLoader, open_dataset
+from ember.data import ShardFormatError, TokenLoader, open_dataset
 
 pytestmark = [] if SMALL else [pytest.mark.slow]
 
@@ -56,6 +57,34 @@ def touch_pages(a: np.ndarray) -> None:
     """Faults in every page of a mapping once (the data is page-cached; this sets up page tables)."""
     step = max(1, 4096 // a.itemsize)
     int(a[::step].max())
+
+
+def throughput_info(label: str, times: list[float], cpu: list[float], load: dict, **extra) -> dict:
+    """The figures of ``times`` (seconds per round of ``SIZES.batches_per_round`` batches, the
+    measured rounds only) and ``cpu`` (this process's CPU seconds in each): tokens/s from the
+    median round."""
+    med = statistics.median(times)
+    tokens = SIZES.batches_per_round * tokens_per_batch()
+    tps = tokens / med
+    return dict(
+        label=label,
+        seq_len=L,
+        batch_size=B,
+        batches_per_round=SIZES.batches_per_round,
+        tokens_per_round=tokens,
+        rounds_measured=len(times),
+        round_s_median=med,
+        tokens_per_s=tps,
+        tokens_per_s_best=tokens / min(times),
+        gb_per_s_read=tps * BYTES_READ_PER_TOKEN / 1e9,
+        gb_per_s_model=tps * BYTES_PER_TOKEN / 1e9,
+        bytes_per_token_model=BYTES_PER_TOKEN,
+        # CPU of this process (threads included, DataLoader worker processes not) per wall second.
+        process_cpu_per_wall=sum(cpu) / sum(times),
+        dataset_tokens=SIZES.throughput_tokens,
+        **load,
+        **extra,
+    )
 
 
 def measure_throughput(benchmark, report, key: str, label: str, next_batch: Callable[[], object], **extra) -> dict:
@@ -79,31 +108,8 @@ def measure_throughput(benchmark, report, key: str, label: str, next_batch: Call
     snap = cpu_snapshot()
     benchmark.pedantic(one_round, rounds=SIZES.rounds, warmup_rounds=SIZES.warmup_rounds, iterations=1)
     load = finish_load_window(snap, load_between(snap, cpu_snapshot()))
-    measured = times[-SIZES.rounds :]
-    cpu_measured = cpu[-SIZES.rounds :]
-    med = statistics.median(measured)
-    tokens = nb * tokens_per_batch()
-    tps = tokens / med
     info = benchmark.extra_info
-    info.update(
-        label=label,
-        seq_len=L,
-        batch_size=B,
-        batches_per_round=nb,
-        tokens_per_round=tokens,
-        rounds_measured=len(measured),
-        round_s_median=med,
-        tokens_per_s=tps,
-        tokens_per_s_best=tokens / min(measured),
-        gb_per_s_read=tps * BYTES_READ_PER_TOKEN / 1e9,
-        gb_per_s_model=tps * BYTES_PER_TOKEN / 1e9,
-        bytes_per_token_model=BYTES_PER_TOKEN,
-        # CPU of this process (threads included, DataLoader worker processes not) per wall second.
-        process_cpu_per_wall=sum(cpu_measured) / sum(measured),
-        dataset_tokens=SIZES.throughput_tokens,
-        **load,
-        **extra,
-    )
+    info.update(throughput_info(label, times[-SIZES.rounds :], cpu[-SIZES.rounds :], load, **extra))
     report.throughput[key] = info
     report.fill_ratios()
     return info
@@ -215,6 +221,68 @@ def test_a_token_loader_settings(benchmark, report, token_shard: TokenShard, num
     measure_throughput(benchmark, report, key, label, lambda: next(it), num_threads=num_threads, prefetch=prefetch)
     loader.close()
     del it, loader
+    gc.collect()
+
+
+VOCAB_CHECK_VARIANTS = {
+    "off": ("(a'') TokenLoader, vocab_size unset (same rounds)", None),
+    "off_again": ("(a'') TokenLoader, vocab_size unset, a 2nd loader", None),
+    "on": (f"(a'') TokenLoader, vocab_size={VOCAB} checked", VOCAB),
+}
+
+
+@pytest.mark.benchmark(group="throughput-vocab-check")
+def test_a_token_loader_vocab_check(benchmark, report, token_shard: TokenShard):
+    """(a) with ``vocab_size`` (every id checked while Rust fills the batch) against (a)
+    without, in rounds that rotate over the loaders so that all see the same machine. A
+    second unchecked loader gives the noise floor: how far two identical loaders differ.
+    Besides tokens/s it reports the process's CPU time per batch, which other processes
+    on a shared machine disturb less than wall time. Rounds are short, so it takes 4x as many."""
+    control = TokenLoader(token_shard.path, L, B, shuffle=True, seed=0, vocab_size=VOCAB // 2)
+    with pytest.raises(ShardFormatError, match="outside the vocabulary"):  # the check is on: half the ids fail it
+        next(control)
+    control.close()
+    its = {key: iter(TokenLoader(token_shard.path, L, B, shuffle=True, seed=0, vocab_size=v)) for key, (_, v) in VOCAB_CHECK_VARIANTS.items()}
+    for it in its.values():
+        _check_token_loader_batch(_warm_token_loader(it, token_shard), token_shard)
+    keys = list(its)
+    nb, rounds = SIZES.batches_per_round, 4 * SIZES.rounds
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    cpu: dict[str, list[float]] = {k: [] for k in keys}
+
+    def one_round():
+        # Rotate which goes first, so that none always follows the same other.
+        first = len(times[keys[0]]) % len(keys)
+        for key in keys[first:] + keys[:first]:
+            it = its[key]
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            for _ in range(nb):
+                next(it)
+            times[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
+
+    snap = cpu_snapshot()
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=SIZES.warmup_rounds, iterations=1)
+    load = finish_load_window(snap, load_between(snap, cpu_snapshot()))
+    infos = {}
+    for key, (label, vocab_size) in VOCAB_CHECK_VARIANTS.items():
+        t, c = times[key][-rounds:], cpu[key][-rounds:]
+        infos[key] = throughput_info(label, t, c, load, vocab_size=vocab_size, cpu_us_per_batch=statistics.median(c) / nb * 1e6)
+        report.throughput[f"a_token_loader_vocab_{key}"] = infos[key]
+    report.fill_ratios()
+    off = infos["off"]
+    extra = dict(label="(a'') TokenLoader, vocab_size check on / off", other_cpu_cores=load["other_cpu_cores"])
+    for key in keys:
+        extra[f"tokens_per_s_{key}"] = infos[key]["tokens_per_s"]
+        extra[f"cpu_us_per_batch_{key}"] = infos[key]["cpu_us_per_batch"]
+    for key in ("on", "off_again"):
+        extra[f"{key}_over_off"] = infos[key]["tokens_per_s"] / off["tokens_per_s"]
+        extra[f"cpu_{key}_over_off"] = infos[key]["cpu_us_per_batch"] / off["cpu_us_per_batch"]
+    benchmark.extra_info.update(extra)
+    for it in its.values():
+        it.close()
+    del its, control
     gc.collect()
 
 
@@ -366,7 +434,7 @@ def test_e_consumer_cost(benchmark, report, token_shard: TokenShard):
 RSS_SCRIPT = r"""
 import json, sys, time
 import torch
-from ember.data import TokenLoader, open_dataset
+from ember.data import ShardFormatError, TokenLoader, open_dataset
 
 def mem():
     out = {}

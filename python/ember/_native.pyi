@@ -185,15 +185,19 @@ class Loader:
         num_threads: int = 2,
         max_open_shards: int = 4096,
         llmc_delimiter: int | None = None,
+        vocab_size: int | None = None,
     ) -> None:
-        """``datasets``: (paths of one dataset, weight) pairs."""
+        """``datasets``: (paths of one dataset, weight) pairs. With ``vocab_size``, a batch
+        holding a token id outside ``0..vocab_size`` fails in ``wait``."""
     def submit(self, batches: Sequence[BatchBuffers]) -> list[PlannedBatch]:
         """Plans the next batches and queues them, as one group, to be written into
         ``batches``; fewer than given at the end of a sequential pass. Raises
         ``TypeError``/``ValueError`` naming the array, before planning anything, if
         one has the wrong type, layout or length, or shares memory with another."""
     def wait(self, ticket: int) -> FilledBatch:
-        """Blocks, without the GIL, until batch ``ticket`` is written."""
+        """Blocks, without the GIL, until batch ``ticket`` is written. Raises the batch's
+        own error, if it had one: ``ShardFormatError`` naming the file, the document and
+        the id of a token outside ``vocab_size``. A batch never waited for raises nothing."""
     def cancel_all(self) -> None:
         """Waits for every queued batch and forgets them."""
     def seek(self, position: int) -> None:

@@ -76,6 +76,11 @@ class TokenLoader:
             the kernel's per-process mapping limit).
         llmc_delimiter: token that starts each document in llm.c shards (default:
             50256 for uint16 shards, 128000 for uint32 shards).
+        vocab_size: the model's vocabulary. When given, every token id handed out (in
+            ``input_ids`` and ``labels``) is checked, while Rust fills the batch, to be in
+            ``0 .. vocab_size - 1``; ``next()`` raises :class:`ember.data.ShardFormatError`
+            (a ``ValueError``) for the batch that holds one outside, naming the file, the
+            document and the id. Batches prepared ahead but never taken raise nothing.
 
     Each batch is a set of new tensors that the caller owns; the loader never
     writes into a tensor after handing it out.
@@ -99,6 +104,7 @@ class TokenLoader:
         pin_memory: bool | None = None,
         max_open_shards: int = 4096,
         llmc_delimiter: int | None = None,
+        vocab_size: int | None = None,
     ):
         if rank is None or world_size is None:
             default_rank, default_world = _default_rank_world()
@@ -108,6 +114,8 @@ class TokenLoader:
             raise ValueError(f"seed must be non-negative, got {seed}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        if vocab_size is not None and vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         self.seq_len = int(seq_len)
         self.batch_size = int(batch_size)
         self.rank = int(rank)
@@ -130,6 +138,7 @@ class TokenLoader:
             num_threads=num_threads,
             max_open_shards=max_open_shards,
             llmc_delimiter=llmc_delimiter,
+            vocab_size=vocab_size,
         )
         self._queue: deque[tuple[_native.PlannedBatch, dict[str, torch.Tensor]]] = deque()
         self._position = 0  # global samples consumed by the caller

@@ -64,7 +64,14 @@ def build_loaders(config: Config, strategy: Strategy, vocab_size: int) -> tuple[
         num_threads=d.num_threads,
         prefetch=d.prefetch,
         pin_memory=strategy.device.type == "cuda",
+        vocab_size=vocab_size,
     )
     train = TokenLoader(train_paths, seed=t.seed, shuffle=True, **common)
     val = TokenLoader(val_paths, shuffle=False, **common) if val_paths else None
+    if val is not None and len(val) == 0:
+        # Found now, not after training, when the run could no longer save its final checkpoint.
+        raise ValueError(
+            f"data.validation {val_paths!r} yields no full batch of {t.batch_size} x {d.seq_len} tokens "
+            f"on each of {strategy.world_size} rank(s); give more validation data or a smaller training.batch_size"
+        )
     return train, val

@@ -45,17 +45,49 @@ pub enum Error {
         detail: String,
     },
 
-    #[error("{path}: token {token} at token position {position} (byte {offset}) is outside the vocabulary of size {vocab_size}")]
+    /// A token id that is negative or not below the vocabulary size: the model's
+    /// embedding lookup would fail on it. `path` is the file that holds the tokens,
+    /// `position` and `document` count from 0 within it (as `open_dataset` of that
+    /// file numbers them), `offset` is the token's byte in it.
+    #[error(
+        "{path}: token {token} at token position {position} (byte {offset}), in document {document} of this file (counting from 0), \
+         is outside the vocabulary of size {vocab_size}; {}",
+        .origin.advice()
+    )]
     TokenOutOfRange {
         path: PathBuf,
         token: i64,
         position: u64,
         offset: u64,
+        document: u64,
         vocab_size: u64,
+        origin: VocabOrigin,
     },
 
     #[error("{0}")]
     Invalid(String),
+}
+
+/// Where the vocabulary size that tokens were checked against came from; it
+/// decides what a user should do about a token outside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VocabOrigin {
+    /// The shard's own header: the file contradicts itself.
+    Recorded,
+    /// The caller, standing for the model's embedding table.
+    Given,
+}
+
+impl VocabOrigin {
+    fn advice(self) -> &'static str {
+        match self {
+            VocabOrigin::Recorded => "the header records a vocabulary its tokens exceed, so the file was written wrongly: re-create it",
+            VocabOrigin::Given => {
+                "the data was tokenized with a larger vocabulary than the model's (or a header is wrong): \
+                 set model.vocab_size to the tokenizer's vocabulary size, or re-tokenize the data with the model's tokenizer"
+            }
+        }
+    }
 }
 
 impl Error {

@@ -13,7 +13,7 @@ pub mod sampler;
 pub mod source;
 
 pub use dtype::DType;
-pub use error::{Error, Result};
+pub use error::{Error, Result, VocabOrigin};
 pub use format::ember::ShardWriter;
 pub use format::{probe, Format, MappedShard, ProbeOptions, ShardSpec};
 pub use loader::{Filled, Loader, LoaderOptions, Outputs, Plan, Ticket};

@@ -35,6 +35,9 @@ pub struct LoaderOptions {
     /// Most shards mapped at once, per dataset.
     pub max_open_shards: usize,
     pub probe: ProbeOptions,
+    /// The model's vocabulary: a batch holding a token id outside `0..vocab_size`
+    /// fails, naming it, rather than reaching the embedding. `None` checks nothing.
+    pub vocab_size: Option<u64>,
 }
 
 /// One rank's share of one global batch.
@@ -108,6 +111,7 @@ pub struct Loader {
 struct Shared {
     sources: Vec<Source>,
     seq_len: usize,
+    vocab_size: Option<u64>,
 }
 
 impl Loader {
@@ -118,6 +122,9 @@ impl Loader {
         }
         if opts.world_size == 0 || opts.rank >= opts.world_size {
             return Err(Error::Invalid(format!("rank {} is not in 0..world_size ({})", opts.rank, opts.world_size)));
+        }
+        if opts.vocab_size == Some(0) {
+            return Err(Error::Invalid("vocab_size must be positive, got 0".into()));
         }
         let mut sources = Vec::new();
         let mut weights = Vec::new();
@@ -138,7 +145,7 @@ impl Loader {
             sources.push(src);
         }
         let sampler = Sampler::new(sizes, weights.clone(), opts.seed, opts.shuffle)?;
-        let shared = Arc::new(Shared { sources, seq_len: opts.seq_len });
+        let shared = Arc::new(Shared { sources, seq_len: opts.seq_len, vocab_size: opts.vocab_size });
         let (sender, receiver) = unbounded::<Job>();
         let workers = (0..opts.num_threads.max(1))
             .map(|i| {
@@ -286,9 +293,10 @@ impl Shared {
             let src = &self.sources[s.dataset as usize];
             let start = s.id * l as u64;
             let row = r * l..(r + 1) * l;
-            src.read_tokens(start, &mut input[row.clone()])?;
+            // Every id handed out is read here once: the row, then the one label past it.
+            src.read_tokens_checked(start, &mut input[row.clone()], self.vocab_size)?;
             labels[row.start..row.end - 1].copy_from_slice(&input[row.start + 1..row.end]);
-            src.read_tokens(start + l as u64, &mut labels[row.end - 1..row.end])?;
+            src.read_tokens_checked(start + l as u64, &mut labels[row.end - 1..row.end], self.vocab_size)?;
             if position_ids.is_none() && cu.is_none() {
                 continue;
             }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VocabOrigin};
 use crate::format::{self, MappedShard, ProbeOptions, ShardSpec};
 
 /// Files in a shard directory that are metadata, not shards.
@@ -179,6 +179,13 @@ impl Source {
 
     /// Copies stream tokens `start .. start + out.len()` into `out`, widened to i64.
     pub fn read_tokens(&self, start: u64, out: &mut [i64]) -> Result<()> {
+        self.read_tokens_checked(start, out, None)
+    }
+
+    /// [`Source::read_tokens`] that, given a `vocab_size`, also fails on the first id
+    /// outside `0..vocab_size`, naming its file, document and position. Ids are checked
+    /// as they are copied ([`DType::widen_checked`]), so the check costs little.
+    pub fn read_tokens_checked(&self, start: u64, out: &mut [i64], vocab_size: Option<u64>) -> Result<()> {
         let end = start + out.len() as u64;
         if end > self.num_tokens() {
             return Err(Error::Invalid(format!("{}: token range {start}..{end} is past the end ({} tokens)", self.name, self.num_tokens())));
@@ -189,9 +196,17 @@ impl Source {
             let (si, local) = self.locate(pos);
             let shard = self.shard(si)?;
             let take = ((shard.spec.num_tokens - local) as usize).min(out.len() - written);
-            let size = shard.spec.dtype.size();
-            let bytes = &shard.token_bytes()[local as usize * size..];
-            shard.spec.dtype.widen_into(bytes, &mut out[written..written + take]);
+            let dtype = shard.spec.dtype;
+            let bytes = &shard.token_bytes()[local as usize * dtype.size()..][..take * dtype.size()];
+            let chunk = &mut out[written..written + take];
+            match vocab_size {
+                None => dtype.widen_into(bytes, chunk),
+                Some(v) => {
+                    if let Some(i) = dtype.widen_checked(bytes, chunk, v) {
+                        return Err(shard.token_out_of_range(local + i as u64, chunk[i], v, VocabOrigin::Given));
+                    }
+                }
+            }
             written += take;
             pos += take as u64;
         }
@@ -282,9 +297,10 @@ impl Source {
             if !check_tokens {
                 continue;
             }
-            match vocab_size.or(shard.spec.vocab_size) {
-                Some(v) => shard.check_tokens(v)?,
-                None => {
+            match (vocab_size, shard.spec.vocab_size) {
+                (Some(v), _) => shard.check_tokens(v, VocabOrigin::Given)?,
+                (None, Some(v)) => shard.check_tokens(v, VocabOrigin::Recorded)?,
+                (None, None) => {
                     return Err(Error::Invalid(format!(
                         "{}: the shard does not record its vocabulary size; pass vocab_size to check tokens",
                         shard.spec.path.display()

@@ -259,6 +259,7 @@ fn loader_batches_are_the_same_for_any_world_size() {
         num_threads: 2,
         max_open_shards: 4,
         probe: ProbeOptions::default(),
+        vocab_size: None,
     };
     let batches = |rank, world, batch| -> Vec<Vec<i64>> {
         let mut l = Loader::new(vec![(vec![path.clone()], 1.0)], opts(rank, world, batch)).unwrap();
@@ -281,4 +282,59 @@ fn loader_batches_are_the_same_for_any_world_size() {
         assert_eq!(whole[b][..16], r0[b][..]);
         assert_eq!(whole[b][16..], r1[b][..]);
     }
+}
+
+#[test]
+fn loader_with_a_vocabulary_fails_the_batch_holding_an_id_outside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("web");
+    // Ten documents of 6 tokens; document 6 holds id 900 at its token 2 (stream position 38).
+    let mut docs: Vec<Vec<i64>> = (0..10).map(|d| (0..6).map(|t| d * 10 + t).collect()).collect();
+    docs[6][2] = 900;
+    write_megatron(&prefix, 4, 4, &docs);
+    let (seq_len, batch) = (4usize, 2usize);
+    let opts = |vocab_size| LoaderOptions {
+        seq_len,
+        batch_size: batch,
+        rank: 0,
+        world_size: 1,
+        seed: 0,
+        shuffle: false,
+        drop_last: true,
+        num_threads: 2,
+        max_open_shards: 4,
+        probe: ProbeOptions::default(),
+        vocab_size,
+    };
+    let results = |vocab_size| -> Vec<ember_data::Result<Vec<i64>>> {
+        let mut l = Loader::new(vec![(vec![prefix.clone()], 1.0)], opts(vocab_size)).unwrap();
+        let mut out = Vec::new();
+        while let Some(plan) = l.next_plan() {
+            let mut input = vec![0i64; batch * seq_len];
+            let mut labels = vec![0i64; batch * seq_len];
+            let o = Outputs { input_ids: input.as_mut_ptr(), labels: labels.as_mut_ptr(), position_ids: None, cu_seqlens: None };
+            out.push(unsafe { l.submit(plan, o) }.wait().map(|_| input));
+        }
+        out
+    };
+    // 60 tokens: 14 samples of 4 (+1) tokens, 7 batches; position 38 is in sample 9, batch 4.
+    let unchecked = results(None);
+    assert_eq!(unchecked.len(), 7);
+    assert!(unchecked.iter().all(|r| r.is_ok()));
+    assert!(unchecked[4].as_ref().unwrap().contains(&900));
+    let checked = results(Some(900));
+    for (b, r) in checked.iter().enumerate() {
+        match r {
+            Ok(input) => assert!(b != 4 && *input == *unchecked[b].as_ref().unwrap(), "batch {b}"),
+            Err(Error::TokenOutOfRange { path, token, position, offset, document, vocab_size, .. }) => {
+                assert_eq!(b, 4);
+                assert_eq!(*path, prefix.with_extension("bin"));
+                assert_eq!((*token, *position, *offset, *document, *vocab_size), (900, 38, 38 * 4, 6, 900));
+            }
+            Err(e) => panic!("batch {b}: {e}"),
+        }
+    }
+    assert!(results(Some(901)).iter().all(|r| r.is_ok()));
+    let err = Loader::new(vec![(vec![prefix.clone()], 1.0)], opts(Some(0))).err().expect("vocab_size 0 is refused");
+    assert!(err.to_string().contains("vocab_size must be positive"), "{err}");
 }

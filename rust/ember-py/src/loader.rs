@@ -156,7 +156,7 @@ pub struct Loader {
 #[pymethods]
 impl Loader {
     #[new]
-    #[pyo3(signature = (datasets, seq_len, batch_size, *, rank=0, world_size=1, seed=0, shuffle=true, drop_last=true, num_threads=2, max_open_shards=4096, llmc_delimiter=None))]
+    #[pyo3(signature = (datasets, seq_len, batch_size, *, rank=0, world_size=1, seed=0, shuffle=true, drop_last=true, num_threads=2, max_open_shards=4096, llmc_delimiter=None, vocab_size=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -171,6 +171,7 @@ impl Loader {
         num_threads: usize,
         max_open_shards: usize,
         llmc_delimiter: Option<i64>,
+        vocab_size: Option<u64>,
     ) -> PyResult<Self> {
         let opts = LoaderOptions {
             seq_len,
@@ -183,6 +184,7 @@ impl Loader {
             num_threads,
             max_open_shards,
             probe: probe_options(llmc_delimiter),
+            vocab_size,
         };
         let inner = py.detach(|| core::Loader::new(datasets, opts)).map_err(to_py)?;
         Ok(Loader { inner, pending: HashMap::new(), next_id: 0 })
@@ -241,7 +243,8 @@ impl Loader {
         Ok(out)
     }
 
-    /// Blocks, without the GIL, until batch `ticket` is written.
+    /// Blocks, without the GIL, until batch `ticket` is written; raises its error, if it had
+    /// one (a token outside `vocab_size`: `ShardFormatError`), only here, for this batch.
     fn wait(&mut self, py: Python<'_>, ticket: u64) -> PyResult<FilledBatch> {
         let p = self.pending.remove(&ticket).ok_or_else(|| PyValueError::new_err(format!("unknown batch ticket {ticket}")))?;
         let f = settle(py, vec![p]).pop().expect("one result per batch").map_err(to_py)?;

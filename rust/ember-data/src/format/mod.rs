@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 use memmap2::Mmap;
 
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VocabOrigin};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -352,21 +352,31 @@ impl MappedShard {
     }
 
     /// Checks every token against `0..vocab_size`.
-    pub fn check_tokens(&self, vocab_size: u64) -> Result<()> {
+    pub fn check_tokens(&self, vocab_size: u64, origin: VocabOrigin) -> Result<()> {
         let bytes = self.token_bytes();
         let dt = self.spec.dtype;
-        for p in 0..self.spec.num_tokens {
-            let t = dt.read(bytes, p as usize);
-            if t < 0 || t as u64 >= vocab_size {
-                return Err(Error::TokenOutOfRange {
-                    path: self.spec.token_path.clone(),
-                    token: t,
-                    position: p,
-                    offset: self.spec.token_offset + p * dt.size() as u64,
-                    vocab_size,
-                });
-            }
+        if dt.all_below(bytes, vocab_size) {
+            return Ok(());
         }
-        Ok(())
+        let p = (0..self.spec.num_tokens).find(|&p| dt.read(bytes, p as usize) as u64 >= vocab_size).expect("all_below found an id out of range");
+        Err(self.token_out_of_range(p, dt.read(bytes, p as usize), vocab_size, origin))
+    }
+
+    /// The error for `token`, found at position `pos` of this shard outside `0..vocab_size`:
+    /// it names the document too, which costs an index check (and for llm.c, a scan)
+    /// paid only here, when a run is about to stop anyway.
+    pub fn token_out_of_range(&self, pos: u64, token: i64, vocab_size: u64, origin: VocabOrigin) -> Error {
+        if let Err(e) = self.validate_index() {
+            return e;
+        }
+        Error::TokenOutOfRange {
+            path: self.spec.token_path.clone(),
+            token,
+            position: pos,
+            offset: self.spec.token_offset + pos * self.spec.dtype.size() as u64,
+            document: self.doc_of(pos),
+            vocab_size,
+            origin,
+        }
     }
 }
