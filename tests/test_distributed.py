@@ -382,3 +382,41 @@ def test_checkpoint_metadata_cannot_run_code(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(ValueError, match="posix.system|os.system|not a checkpoint metadata type"):
         SafeFileSystemReader(str(tmp_path)).read_metadata()
+
+
+def test_sigterm_to_torchrun_saves_on_every_rank_and_resumes(reference, tmp_path):
+    """A scheduler's SIGTERM reaches torchrun, which passes it to each rank: the ranks agree on
+    the step, save it together and stop; the checkpoint resumes on 2 ranks."""
+    cfg, _ = reference
+    run_dir = tmp_path / "runs" / "pre"
+    common = ["-m", "ember", "train", str(cfg), "--no-sample", f"logging.run_dir={tmp_path / 'runs'}", "logging.run_name=pre",
+              "distributed.strategy=fsdp", "training.batch_size=4", "checkpoint.every_n_steps=null"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    job = subprocess.Popen([*launch, *common, "training.max_steps=400"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 2):
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    output = job.communicate(timeout=120)[0]
+    assert job.returncode != 0
+    stopped_at = max(losses(run_dir))
+    saved = run_dir / "checkpoints" / f"step-{stopped_at:08d}"
+    assert stopped_at < 400 and "continue with --resume auto" in output, output[-3000:]
+    assert sorted(p.name for p in saved.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # both ranks saved
+    resumed = run([*launch, *common, f"training.max_steps={stopped_at + 1}", "--resume", "auto"])
+    assert f"resumed from {saved} at step {stopped_at}" in resumed.stderr + resumed.stdout
+    assert max(losses(run_dir)) == stopped_at + 1
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_the_sample_is_written_under_a_sharding_strategy(strategy, reference, tmp_path):
+    """ember train prints a sample at the end; with sharded weights it used to fail in generate."""
+    cfg, _ = reference
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ember", "train", str(cfg),
+           f"logging.run_dir={tmp_path / 'runs'}", f"distributed.strategy={strategy}", "training.batch_size=4", "training.max_steps=2",
+           "checkpoint.every_n_steps=null", "checkpoint.export_hf=false", "--sample-prompt", "def "]
+    out = run(cmd)
+    printed = out.stdout.split("sample:\n")
+    assert len(printed) == 2, out.stdout[-2000:]  # the main rank prints it once
+    text = printed[1].split("-" * 60)[1].strip("\n")
+    assert text.startswith("def ") and len(text) > len("def ")

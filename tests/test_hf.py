@@ -175,3 +175,138 @@ def test_convert_a_sharded_fsdp_checkpoint(tmp_path, corpus):
     assert all(torch.equal(exported[k], converted[k]) for k in exported)
     cli = subprocess.run([sys.executable, "-m", "ember", "convert", str(tmp_path / "runs" / "cont"), "--to", "hf", str(tmp_path / "cli")], capture_output=True, text=True)
     assert cli.returncode == 0 and (tmp_path / "cli" / "config.json").is_file(), cli.stderr
+
+
+# ---------------------------------------------------------------------------
+# Exports replace only what Ember wrote
+
+
+def tiny_run_config(tmp_path: Path, corpus: Path, max_steps: int) -> dict:
+    return {
+        "model": {"preset": "tiny", "vocab_size": 259},
+        "training": {"batch_size": 2, "max_steps": max_steps, "warmup_steps": 1, "seed": 3},
+        "data": {"train": "builtin:stdlib", "seq_len": 32, "cache_dir": str(corpus)},
+        "logging": {"run_dir": str(tmp_path / "runs"), "run_name": "r", "progress_bar": False},
+    }
+
+
+def test_a_converted_checkpoint_gives_the_logits_of_the_trained_model(tmp_path, corpus):
+    PretrainingOrchestrator(config_from_dict(tiny_run_config(tmp_path, corpus, 2))).train()
+    run = tmp_path / "runs" / "r"
+    out = subprocess.run([sys.executable, "-m", "ember", "convert", str(run), "--to", "hf", str(tmp_path / "out")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    state, arch = load_checkpoint_weights(run)
+    from ember.model import Llama
+
+    trained = Llama(arch).eval()
+    trained.load_state_dict(state, strict=False)
+    ids = torch.randint(0, 259, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trained(ids)
+        torch.testing.assert_close(load_hf_checkpoint(tmp_path / "out").eval()(ids), want, rtol=0, atol=0)
+        theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+        torch.testing.assert_close(theirs(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_overwrite_replaces_the_earlier_export_and_only_it(tmp_path):
+    _, path = hf_model(tmp_path, "mha-untied")
+    model = load_hf_checkpoint(path)
+    out = tmp_path / "out"
+    save_hf_checkpoint(model, out, shard_bytes=30_000)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds an earlier Hugging Face export"):
+        save_hf_checkpoint(model, out)
+    save_hf_checkpoint(model, out, overwrite=True)  # one file now: the shards and their index go
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "ember_export.json", "model.safetensors", "notes.txt"]
+    assert json.loads((out / "ember_export.json").read_text())["files"] == ["config.json", "ember_export.json", "model.safetensors"]
+    assert torch.equal(load_hf_checkpoint(out).output.weight, model.output.weight)
+    # A file the earlier export did not write, under a name the new one would: refused, nothing changed.
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text('{"new": true}')
+    (out / "tokenizer.json").write_text('{"mine": true}')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match=r"tokenizer.json would be replaced, but the earlier export's ember_export.json does not list"):
+        save_hf_checkpoint(model, out, tokenizer_dir=tokenizer, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mha-untied", "out", "tokenizer"]
+
+
+@pytest.mark.parametrize("marker", ["{not json", '{"format": "ember-hf-export", "files": ["ember_export.json", "notes.txt"]}', "[]"])
+def test_a_marker_ember_did_not_write_is_not_trusted(marker, tmp_path):
+    _, path = hf_model(tmp_path, "mha-untied")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "ember_export.json").write_text(marker)
+    with pytest.raises(ValueError, match=r"ember_export.json: .*cannot tell which files .* are its own"):
+        save_hf_checkpoint(load_hf_checkpoint(path), out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["ember_export.json", "notes.txt"]
+
+
+def test_an_interrupted_replacement_is_not_loaded_and_the_next_export_replaces_it(tmp_path, monkeypatch):
+    _, path = hf_model(tmp_path, "mha-untied")
+    model = load_hf_checkpoint(path)
+    out = tmp_path / "out"
+    save_hf_checkpoint(model, out, shard_bytes=30_000)
+    (out / "notes.txt").write_text("mine")
+    import ember.model.hf as hf
+
+    moves, replace = [], os.replace
+
+    def crash_after_two(src, dst):
+        if len(moves) == 2:  # the interim marker and one file have moved in
+            raise OSError(28, "No space left on device")
+        moves.append(dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(hf.os, "replace", crash_after_two)
+    with pytest.raises(OSError, match="No space left"):
+        save_hf_checkpoint(model, out, overwrite=True)
+    monkeypatch.undo()
+    assert not json.loads((out / "ember_export.json").read_text())["complete"]
+    with pytest.raises(ValueError, match=r"ember_export.json: an export into .* was interrupted"):
+        load_hf_checkpoint(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mha-untied", "out"]  # its temporary directory removed
+    save_hf_checkpoint(model, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "ember_export.json", "model.safetensors", "notes.txt"]
+    assert torch.equal(load_hf_checkpoint(out).output.weight, model.output.weight)
+
+
+def test_only_temporary_directories_of_finished_exports_are_cleared(tmp_path):
+    _, path = hf_model(tmp_path, "mha-untied")
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    crashed = tmp_path / f".out.tmp-{gone.pid}"  # an export whose process died
+    crashed.mkdir()
+    (crashed / "model.safetensors").write_bytes(b"partial")
+    not_ours = tmp_path / f".out.tmp-{gone.pid + 1}"
+    not_ours.mkdir()
+    (not_ours / "notes.txt").write_text("mine")
+    running = tmp_path / f".out.tmp-{os.getppid()}"  # a process still running may still be writing it
+    running.mkdir()
+    (running / "config.json").write_text("{}")
+    save_hf_checkpoint(load_hf_checkpoint(path), tmp_path / "out")
+    assert not crashed.exists()
+    assert (not_ours / "notes.txt").read_text() == "mine" and (running / "config.json").is_file()
+
+
+def test_the_run_export_replaces_its_own_earlier_export_and_nothing_else(tmp_path, corpus):
+    PretrainingOrchestrator(config_from_dict(tiny_run_config(tmp_path, corpus, 2))).train()
+    run = tmp_path / "runs" / "r"
+    (run / "hf" / "notes.txt").write_text("mine")
+    PretrainingOrchestrator(config_from_dict(tiny_run_config(tmp_path, corpus, 4)), resume="auto").train()
+    state, _ = load_checkpoint_weights(run)
+    exported = load_hf_checkpoint(run / "hf").state_dict()
+    assert all(torch.equal(state[k], exported[k]) for k in state if not k.startswith("rope"))
+    assert (run / "hf" / "notes.txt").read_text() == "mine"
+    # hf/ holding files without the marker: the run refuses to export into it, before it
+    # trains (not after, when the time would be spent), and keeps them.
+    (run / "hf" / "ember_export.json").unlink()
+    before = {p.name: p.read_bytes() for p in (run / "hf").iterdir()}
+    with pytest.raises(ValueError, match=r"/hf: holds files Ember did not write"):
+        PretrainingOrchestrator(config_from_dict(tiny_run_config(tmp_path, corpus, 6)), resume="auto").train()
+    assert {p.name: p.read_bytes() for p in (run / "hf").iterdir()} == before
+    assert not (run / "checkpoints" / "step-00000006").exists()

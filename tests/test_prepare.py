@@ -722,3 +722,35 @@ def test_zst_inputs_with_several_and_skippable_frames_are_read_whole(tmp_path, t
     (tmp_path / "a.txt.zst").write_bytes(b"".join(parts))
     prepare(tmp_path / "a.txt.zst", tmp_path / "out")
     assert byte_texts(tmp_path / "out" / "train") == [data.decode()]
+
+
+def test_a_full_disk_is_reported_and_the_output_resumes(tmp_path, texts, monkeypatch, capsys):
+    """ENOSPC while writing shards (simulated in the shard writer): a clean error naming the output,
+    the finished shards kept, and the same command then finishing it byte for byte."""
+    import errno
+
+    from ember import cli
+    from ember.data import shards
+
+    write_txt_files(tmp_path / "corpus", texts)
+    args = ["prepare", str(tmp_path / "corpus"), "--shard-tokens", "3000", "--workers", "1", "--no-progress"]
+    assert cli.main([*args, "--output", str(tmp_path / "straight")]) == 0
+    capsys.readouterr()
+
+    original, calls = shards.ShardWriter.add_document, {"n": 0}
+
+    def add_document(self, tokens):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return original(self, tokens)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(shards.ShardWriter, "add_document", add_document)
+        assert cli.main([*args, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out'}: [Errno 28] No space left on device" in err
+    assert "the shards finished so far are kept" in err and "run the same command again to resume" in err
+    assert (tmp_path / "out" / "progress.json").is_file()
+    assert cli.main([*args, "--output", str(tmp_path / "out")]) == 0
+    assert tree(tmp_path / "out") == tree(tmp_path / "straight")

@@ -39,6 +39,16 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
 
 
+def run_cli_train(raw: dict, tmp_path: Path, *args: str) -> tuple[int, str]:
+    """``ember train`` on ``raw`` as a user runs it: the exit code and what it printed to stderr."""
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "ember", "train", str(cfg_path), "--no-sample", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.returncode, done.stderr
+
+
 def test_loss_falls_on_the_stdlib_corpus(tmp_path, corpus):
     raw = small_config(tmp_path, corpus, training={"max_steps": 60, "warmup_steps": 5, "eval_every": 30}, checkpoint={"every_n_steps": None})
     summary = PretrainingOrchestrator(config_from_dict(raw)).train()
@@ -71,8 +81,12 @@ def test_checkpoints_keep_the_last_k_and_refuse_silent_overwrite(tmp_path, corpu
 
 
 def test_half_written_checkpoint_is_never_picked(tmp_path):
+    from ember.distributed.checkpoint_io import file_record
+
     d = tmp_path / "checkpoints"
     (d / "step-00000004").mkdir(parents=True)
+    (d / "step-00000004" / "trainer.pt").write_bytes(b"state")  # complete: its manifest lists it
+    (d / "step-00000004" / "manifest.json").write_text(json.dumps({"format": 1, "files": {"trainer.pt": file_record(d / "step-00000004" / "trainer.pt")}}))
     (d / ".step-00000008.tmp").mkdir()
     (d / "step-00000009.partial").mkdir()
     assert latest_checkpoint(d) == d / "step-00000004"
@@ -230,3 +244,179 @@ def test_grad_norm_the_strategy_does_not_report_is_not_logged(tmp_path, corpus, 
     summary = PretrainingOrchestrator(config_from_dict(small_config(tmp_path, corpus, training={"max_steps": 2}))).train()
     steps = [m for m in metrics(Path(summary["run_dir"])) if "loss" in m]
     assert len(steps) == 2 and all("grad_norm" not in m for m in steps)
+
+
+def test_validation_smaller_than_a_batch_is_refused_before_training(tmp_path, corpus):
+    """Found before step 1, so no training time is spent on a run that could not finish."""
+    from ember.data import ShardWriter
+
+    with ShardWriter(tmp_path / "val.tok", vocab_size=259) as w:
+        w.add_document([i % 256 for i in range(200)])  # three samples of 64 + 1 tokens: less than one batch of 4
+    raw = small_config(tmp_path, corpus, data={"validation": str(tmp_path / "val.tok")})
+    with pytest.raises(ValueError, match=r"data.validation .*val.tok.* yields no full batch of 4 x 64 tokens"):
+        PretrainingOrchestrator(config_from_dict(raw)).train()
+    assert not (tmp_path / "runs" / "t" / "checkpoints").exists()
+    assert not (tmp_path / "runs" / "t" / "metrics.jsonl").exists()
+
+
+def test_divergence_skips_steps_then_stops_naming_the_last_good_checkpoint(tmp_path, corpus):
+    """A huge learning rate makes the loss non-finite: those steps are skipped, counted, logged
+    as null, and after training.max_skipped_steps in a row the run stops without saving."""
+    raw = small_config(
+        tmp_path, corpus,
+        training={"max_steps": 40, "warmup_steps": 0, "learning_rate": 1e6, "clip_grad_norm": None, "max_skipped_steps": 3},
+        checkpoint={"every_n_steps": 1, "keep_last": None},
+    )
+    rc, err = run_cli_train(raw, tmp_path)
+    assert rc == 3, err
+    assert "training diverged: loss or gradient norm not finite for 3 steps in a row" in err
+    ckpts = list_checkpoints(tmp_path / "runs" / "t" / "checkpoints")
+    assert ckpts and f"the last good checkpoint is {ckpts[-1][1]}" in err
+    records = [r for r in metrics(tmp_path / "runs" / "t") if "loss" in r]
+    skipped = [r for r in records if r["loss"] is None or (r.get("grad_norm", 0) is None)]
+    assert len(skipped) == 3 and [r["skipped_steps"] for r in skipped] == [1, 2, 3]
+    # Skipped steps leave the weights as they were, so their checkpoints are good ones;
+    # the step that stopped the run saved nothing.
+    assert records[-1]["step"] == ckpts[-1][0] + 1
+    assert "Infinity" not in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text()
+    assert not (tmp_path / "runs" / "t" / "hf").exists()
+
+
+def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, corpus, monkeypatch):
+    """One poisoned step: no optimizer step (the weights are untouched), the run recovers and finishes."""
+    import torch
+
+    from ember.model import Llama
+
+    real_forward, calls = Llama.forward, {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real_forward(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 and self.training else loss
+
+    monkeypatch.setattr(Llama, "forward", forward)
+    orchestrator = PretrainingOrchestrator(config_from_dict(small_config(tmp_path, corpus, training={"max_steps": 6})))
+    state = orchestrator.build_state()
+    batches = iter(state.loader)
+    for _ in range(2):
+        assert orchestrator.train_step(state, batches).finite
+    before = [p.detach().clone() for p in state.model.parameters()]
+    result = orchestrator.train_step(state, batches)
+    assert not result.finite and state.skipped_steps == 1 and state.step == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, state.model.parameters()))
+    assert orchestrator.train_step(state, batches).finite
+    assert not all(torch.equal(a, b) for a, b in zip(before, state.model.parameters()))
+
+
+def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, corpus):
+    import torch
+
+    from ember.train.checkpoint import Checkpointer
+    from ember.train.metrics import MetricsLogger
+    from ember.train.orchestrator import TrainingDiverged
+
+    config = config_from_dict(small_config(tmp_path, corpus))
+    orchestrator = PretrainingOrchestrator(config)
+    state = orchestrator.build_state()
+    with torch.no_grad():
+        next(state.model.parameters())[0, 0] = float("inf")
+    checkpointer = Checkpointer(config.checkpoint_dir, orchestrator.strategy)
+    logger = MetricsLogger(tmp_path / "log", enabled=False, total_steps=1, start_step=0, progress_bar=False)
+    with pytest.raises(TrainingDiverged, match="the weights are not finite.*no checkpoint yet"):
+        orchestrator._save(checkpointer, state, logger)
+    assert list_checkpoints(config.checkpoint_dir) == []
+
+
+def stop_with_signal(cmd: list[str], run: Path, signum: int, after_step: int) -> tuple[int, str, int]:
+    """Starts ``cmd``, sends ``signum`` once ``run`` has logged ``after_step``; (exit code, stderr, last logged step)."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not ((run / "metrics.jsonl").exists() and max(train_losses(run), default=0) >= after_step):
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=300)[1]
+    return proc.returncode, err, max(train_losses(run))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_and_resuming_matches_the_uninterrupted_run(tmp_path, corpus):
+    """What a scheduler sends before it kills a job: the current step finishes, a checkpoint of
+    it is saved, the run exits 143 saying how to continue, and --resume auto then logs the
+    uninterrupted run's losses bit for bit."""
+    cfg_path = tmp_path / "run.yaml"
+    raw = small_config(tmp_path, corpus, training={"max_steps": 16}, checkpoint={"every_n_steps": None, "keep_last": None})
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "ember", "train", str(cfg_path), "--no-sample"]
+    subprocess.run([*cmd, "logging.run_name=whole"], check=True, capture_output=True, timeout=600)
+
+    run = tmp_path / "runs" / "stopped"
+    rc, err, stopped_at = stop_with_signal([*cmd, "logging.run_name=stopped"], run, signal.SIGTERM, after_step=3)
+    assert rc == 128 + signal.SIGTERM, err
+    assert stopped_at < 16, "the run finished before the signal"
+    saved = run / "checkpoints" / f"step-{stopped_at:08d}"
+    assert saved.is_dir() and f"stopped by SIGTERM after step {stopped_at}, saved in {saved}; continue with --resume auto" in err
+    assert "Traceback" not in err
+
+    subprocess.run([*cmd, "logging.run_name=stopped", "--resume", "auto"], check=True, capture_output=True, timeout=600)
+    assert train_losses(run) == train_losses(tmp_path / "runs" / "whole")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1])
+def test_ctrl_c_and_slurms_early_signal_also_save_and_stop(tmp_path, corpus, signum):
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(small_config(tmp_path, corpus, training={"max_steps": 400}, checkpoint={"every_n_steps": None})))
+    run = tmp_path / "runs" / "t"
+    rc, err, stopped_at = stop_with_signal([sys.executable, "-m", "ember", "train", str(cfg_path), "--no-sample"], run, signum, 2)
+    assert rc == 128 + signum and f"stopped by {signal.Signals(signum).name} after step {stopped_at}" in err, err
+    assert (run / "checkpoints" / f"step-{stopped_at:08d}").is_dir() and stopped_at < 400
+
+
+@pytest.mark.slow
+def test_a_second_sigint_aborts_at_once(tmp_path, corpus):
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(small_config(tmp_path, corpus, training={"max_steps": 400}, checkpoint={"every_n_steps": None})))
+    run = tmp_path / "runs" / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "ember", "train", str(cfg_path), "--no-sample"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not ((run / "metrics.jsonl").exists() and max(train_losses(run), default=0) >= 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert max(train_losses(run)) < 400
+
+
+def test_resume_applies_the_configs_learning_rate_and_decay(tmp_path, corpus):
+    """"Lower the learning rate after a spike and resume" must take effect, and say so."""
+    first = small_config(tmp_path, corpus, training={"max_steps": 4, "warmup_steps": 0, "lr_scheduler": "constant"})
+    PretrainingOrchestrator(config_from_dict(first)).train()
+    lowered = small_config(
+        tmp_path, corpus,
+        training={"max_steps": 6, "warmup_steps": 0, "lr_scheduler": "constant", "learning_rate": 1e-4, "weight_decay": 0.01},
+    )
+    orchestrator = PretrainingOrchestrator(config_from_dict(lowered), resume="auto")
+    orchestrator.train()
+    records = metrics(tmp_path / "runs" / "t")
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert lrs[4] == pytest.approx(3e-3) and lrs[5] == pytest.approx(1e-4) and lrs[6] == pytest.approx(1e-4)
+
+
+def test_resume_reports_what_changed(tmp_path, corpus, capfd):
+    PretrainingOrchestrator(config_from_dict(small_config(tmp_path, corpus, training={"max_steps": 4}))).train()
+    capfd.readouterr()
+    changed = small_config(tmp_path, corpus, training={"max_steps": 6, "learning_rate": 1e-3, "betas": [0.9, 0.99]})
+    PretrainingOrchestrator(config_from_dict(changed), resume="auto").train()
+    err = capfd.readouterr().err
+    assert "changed since that checkpoint, and applied: training.betas [0.9, 0.95] -> [0.9, 0.99]; training.learning_rate 0.003 -> 0.001" in err
+
+
+def test_resume_refuses_changes_that_cannot_apply_naming_each_key(tmp_path, corpus):
+    PretrainingOrchestrator(config_from_dict(small_config(tmp_path, corpus, training={"max_steps": 4}))).train()
+    changed = small_config(tmp_path, corpus, training={"max_steps": 6, "seed": 8}, data={"seq_len": 32})
+    changed["model"]["num_hidden_layers"] = 3
+    with pytest.raises(ValueError, match=r"cannot resume with these changes: model.num_hidden_layers: 2 in the checkpoint, 3 now; "
+                       r"data.seq_len: 64 in the checkpoint, 32 now; training.seed: 7 in the checkpoint, 8 now"):
+        PretrainingOrchestrator(config_from_dict(changed), resume="auto").train()

@@ -32,7 +32,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from ember.train.convert import convert_to_hf
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, None: None}[args.dtype]
-    out = convert_to_hf(args.checkpoint, args.out_dir, dtype=dtype, tokenizer_dir=args.tokenizer)
+    out = convert_to_hf(args.checkpoint, args.out_dir, dtype=dtype, tokenizer_dir=args.tokenizer, overwrite=args.overwrite)
     print(f"wrote Hugging Face checkpoint to {out}")
     return 0
 
@@ -205,9 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert an Ember checkpoint to a Hugging Face checkpoint")
     c.add_argument("checkpoint", help="a checkpoint directory (step-N), a run's checkpoints directory, or a run directory (latest checkpoint)")
     c.add_argument("--to", choices=["hf"], required=True, help="output format")
-    c.add_argument("out_dir", help="directory to write")
+    c.add_argument("out_dir", help="directory to write: a new or empty one, or an earlier export with --overwrite")
     c.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None, help="weight dtype (default: as stored, float32)")
     c.add_argument("--tokenizer", default=None, help="a tokenizer directory to copy alongside")
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier export in out_dir: only the files its ember_export.json lists; other files there are "
+        "left alone, and a directory without that file is still refused",
+    )
     c.set_defaults(func=_cmd_convert)
 
     q = sub.add_parser("inspect", help="describe token shards (any supported format) and validate them")
@@ -285,9 +291,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a full disk, a missing file, a permission
         print(f"ember {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from ember.train.orchestrator import TrainingDiverged
+        from ember.train.preemption import Preempted
+
+        if isinstance(e, Preempted):
+            print(f"ember {args.command}: {e}", file=sys.stderr)
+            return e.exit_code
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"ember {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 

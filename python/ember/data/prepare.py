@@ -628,6 +628,21 @@ def prepare(
         "options": asdict(options),
     }
     out = Path(output)
+    try:
+        return _prepare_into(out, plan, files, encoder, options, overwrite, workers, progress)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        # Disk full, quota, permissions: the shards finished so far and progress.json are
+        # written atomically, so the output stays resumable.
+        raise PrepareError(
+            f"{out}: {e}; the shards finished so far are kept: fix that (free space, permissions) and run "
+            "the same command again to resume"
+        ) from e
+
+
+def _prepare_into(out: Path, plan: dict, files: list[SourceFile], encoder: DocumentEncoder, options: PrepareOptions,
+                  overwrite: bool, workers: int | None, progress: bool | None) -> dict[str, Any]:
     with _exclusive(out):
         recorded = _open_output(out, plan, overwrite)
         if recorded:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ember.distributed.checkpoint_io import full_model_state_dict, load_sharded, save_sharded
+from ember.distributed.checkpoint_io import FileRecord, file_record, full_model_state_dict, load_sharded, load_trainer_state, save_sharded
 from ember.model.parallelize import ParallelPlan, parallelize
 
 EXTRA_FILE = "trainer.pt"
@@ -27,6 +27,9 @@ class Strategy(ABC):
     # True when the engine itself handles mixed precision and loss scaling (DeepSpeed):
     # the loop then applies no autocast and no gradient scaler of its own.
     owns_precision: bool = False
+    # False when the optimizer has already stepped by the time the loop sees the loss and
+    # gradient norm (DeepSpeed steps inside backward): a non-finite step cannot be skipped.
+    can_skip_step: bool = True
 
     def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1, local_rank: int = 0):
         self.device = device
@@ -113,6 +116,20 @@ class Strategy(ABC):
         """Mean of ``value`` over ranks."""
         return value
 
+    def all_finite(self, *values: torch.Tensor | None) -> bool:
+        """Whether every element of ``values`` (None ignored; DTensors by their local
+        shards) is finite on every rank. One host sync, and one collective across ranks,
+        so that all ranks take the same decision."""
+        return bool(self._local_finite(values).item())
+
+    def _local_finite(self, values) -> torch.Tensor:
+        flags = [torch.isfinite(v.to_local() if isinstance(v, DTensor) else v).all().to(self.device) for v in values if v is not None]
+        return torch.stack(flags).all() if flags else torch.tensor(True, device=self.device)
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (for requests that arrive at each rank on its own, such as signals)."""
+        return flag
+
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's ``flag``, on every rank (for decisions all ranks must share)."""
         return flag
@@ -120,13 +137,16 @@ class Strategy(ABC):
     def barrier(self) -> None:
         """Waits for every rank."""
 
-    def save_checkpoint(self, directory: Path, extra: dict[str, Any]) -> None:
+    def save_checkpoint(self, directory: Path, extra: dict[str, Any]) -> dict[str, FileRecord]:
         """Writes model and optimizer (sharded, see ``checkpoint_io``) and, from the main
-        rank, ``extra`` (plain data and tensors) into ``directory``."""
+        rank, ``extra`` (plain data and tensors) into ``directory``. Returns the size and
+        checksum of each file this rank wrote, by its path relative to ``directory``."""
         assert self.model is not None and self.optimizer is not None
-        save_sharded(directory, self.model, self.optimizer)
+        records = save_sharded(directory, self.model, self.optimizer)
         if self.is_main:
             torch.save(extra, directory / EXTRA_FILE)
+            records[EXTRA_FILE] = file_record(directory / EXTRA_FILE)
+        return records
 
     def load_checkpoint(self, directory: Path) -> dict[str, Any]:
         """Restores model and optimizer from ``directory``, whatever strategy and world
@@ -139,14 +159,31 @@ class Strategy(ABC):
                 f"{directory}: written by the deepspeed strategy, which alone can resume it "
                 "(distributed.strategy=deepspeed); `ember convert` turns it into Hugging Face weights"
             )
+        extra = load_trainer_state(directory / EXTRA_FILE)
         load_sharded(directory, self.model, self.optimizer)
-        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
+        return extra
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on the CPU, on the main rank (empty elsewhere).
         Every rank must call it."""
         assert self.model is not None
         return full_model_state_dict(self.model)
+
+    def model_for_generation(self, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """A plain model holding the trained weights, for generation on this rank, or None
+        on ranks that do not generate. Every rank calls it. Here: the model itself."""
+        assert self.model is not None
+        return self.unwrap(self.model)
+
+    def _gathered_for_generation(self, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """For strategies whose model is sharded: the main rank gets a fresh ``build()``
+        holding the gathered weights, on its device; the other ranks None."""
+        state = self.full_state_dict()
+        if not self.is_main:
+            return None
+        model = build()
+        model.load_state_dict(state)
+        return model.to(self.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The model itself, without a wrapper (for generation and export)."""

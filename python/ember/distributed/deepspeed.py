@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,11 +26,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ember.distributed.base import EXTRA_FILE
+from ember.distributed.checkpoint_io import FileRecord, file_record, load_trainer_state
 from ember.distributed.torch_dist import TorchDistributedStrategy
 from ember.distributed.process_group import env_world
 
 DS_TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed-universal"  # the same checkpoint converted for another world size
+# The files DeepSpeed writes per data-parallel rank carry its number; all others are rank 0's.
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 
 
 def saved_world_size(tag_dir: Path) -> int:
@@ -125,6 +129,7 @@ def build_deepspeed_config(config, world_size: int) -> dict[str, Any]:
 class DeepSpeedStrategy(TorchDistributedStrategy):
     name = "deepspeed"
     owns_precision = True
+    can_skip_step = False  # the engine steps inside backward (its fp16 loss scaler skips overflows itself)
 
     def __init__(self, device: torch.device, config):
         super().__init__(device)
@@ -208,14 +213,22 @@ class DeepSpeedStrategy(TorchDistributedStrategy):
     def optimizer_step(self) -> None:
         """Done inside ``backward`` at the accumulation boundary."""
 
-    def save_checkpoint(self, directory: Path, extra: dict[str, Any]) -> None:
+    def save_checkpoint(self, directory: Path, extra: dict[str, Any]) -> dict[str, FileRecord]:
         # The marker DeepSpeed's ds_to_universal asks for: the checkpoint can move to another world size.
         from deepspeed.checkpoint import constants as ds
 
         universal = {ds.UNIVERSAL_CHECKPOINT_INFO: {ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        before = {p for p in directory.rglob("*") if p.is_file()}  # what the checkpointer wrote already
         self.engine.save_checkpoint(str(directory), tag=DS_TAG, client_state=universal)
         if self.is_main:
             torch.save(extra, directory / EXTRA_FILE)
+        # Each rank measures the files it wrote, which DeepSpeed's names tell apart.
+        records = {}
+        for path in sorted(p for p in directory.rglob("*") if p.is_file() and p not in before):
+            owner = _RANK_FILE.search(path.name)
+            if (int(owner.group(1)) if owner else 0) == self.rank:
+                records[path.relative_to(directory).as_posix()] = file_record(path)
+        return records
 
     def load_checkpoint(self, directory: Path) -> dict[str, Any]:
         if not (directory / DS_TAG).is_dir():
@@ -256,13 +269,18 @@ class DeepSpeedStrategy(TorchDistributedStrategy):
                     state["step"] = state["step"].clone()
         if path is None:
             raise ValueError(f"{directory}: DeepSpeed could not load this checkpoint")
-        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
+        return load_trainer_state(directory / EXTRA_FILE)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if self.ds_config["zero_optimization"].get("stage", 0) == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
             return {k: v.float().cpu() for k, v in (sd or {}).items()} if self.is_main else {}
         return {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()} if self.is_main else {}
+
+    def model_for_generation(self, build: Callable[[], nn.Module]) -> nn.Module | None:
+        # The parameters are sharded: generating from them would mix DTensors (or ZeRO
+        # partitions) with plain tensors, so the main rank generates from gathered weights.
+        return self._gathered_for_generation(build)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.engine.module if self.engine is not None else model

@@ -70,6 +70,11 @@ class FSDPStrategy(TorchDistributedStrategy):
         self.optimizer = make_optimizer(model)
         return model, self.optimizer
 
+    def model_for_generation(self, build: Callable[[], nn.Module]) -> nn.Module | None:
+        # The parameters are sharded: generating from them would mix DTensors (or ZeRO
+        # partitions) with plain tensors, so the main rank generates from gathered weights.
+        return self._gathered_for_generation(build)
+
     def release(self) -> None:
         super().release()
         if self.mesh is not None:

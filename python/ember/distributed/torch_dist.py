@@ -32,6 +32,16 @@ class TorchDistributedStrategy(Strategy):
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.world_size
 
+    def all_finite(self, *values: torch.Tensor | None) -> bool:
+        ok = self._local_finite(values).to(torch.int32).reshape(1)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # gloo has no logical AND; MIN of 0/1 is one
+        return bool(ok.item())
+
+    def any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def broadcast_flag(self, flag: bool) -> bool:
         t = torch.tensor([1 if flag else 0], device=self.device)
         dist.broadcast(t, src=0)

@@ -13,8 +13,11 @@ parameters) reads only its own shards, so no rank ever holds the full weights.
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import re
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -168,6 +171,12 @@ class _WeightFiles:
 
     def __init__(self, directory: Path):
         self.directory = directory
+        interrupted = _interrupted_export(directory)
+        if interrupted is not None:
+            raise ValueError(
+                f"{interrupted}: an export into {directory} was interrupted while it replaced an earlier one, "
+                "so its files are a mix of both; export again"
+            )
         pickles = [f for f in PICKLE_FILES if (directory / f).exists()]
         index = directory / INDEX_FILE
         if index.is_file():
@@ -300,13 +309,17 @@ def save_hf_checkpoint(
     dtype: torch.dtype | None = None,
     tokenizer_dir: str | Path | None = None,
     shard_bytes: int = SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
     """Writes ``config.json`` and safetensors weights (sharded above ``shard_bytes``, with
-    an index) that ``transformers.LlamaForCausalLM.from_pretrained`` loads. The files are
-    written to a temporary directory beside ``directory`` and moved into place at the end."""
-    import os
-    import shutil
+    an index) that ``transformers.LlamaForCausalLM.from_pretrained`` loads, the tokenizer
+    files found in ``tokenizer_dir``, and ``ember_export.json`` listing them all.
 
+    ``directory`` must be new, empty, or (with ``overwrite``) an earlier export: see
+    :func:`check_export_dir`. The files are written to a temporary directory beside it and
+    moved into place at the end, so a crash never leaves a partial export under its name."""
+    out = Path(directory)
+    check_export_dir(out, overwrite=overwrite)  # before the work, and again before the files move in
     if isinstance(model_or_state, nn.Module):
         config = config or model_or_state.config
         state = model_or_state.state_dict()
@@ -318,10 +331,18 @@ def save_hf_checkpoint(
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     tensors = {k: v.cpu() for k, v in tensors.items()}
-    out = Path(directory)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _temp_dir_for(out)
+    try:
+        files = _write_export(tmp, tensors, config, tokenizer_dir, shard_bytes)
+        _install_export(tmp, out, files, overwrite)
+    finally:
+        if tmp.is_dir():  # a failure on the way: the directory is this call's own
+            shutil.rmtree(tmp)
+    return out
+
+
+def _write_export(tmp: Path, tensors: dict[str, torch.Tensor], config: LlamaConfig, tokenizer_dir: str | Path | None, shard_bytes: int) -> list[str]:
+    """Writes the export into ``tmp`` (marker last, every file synced); returns its file names."""
     any_dtype = next(iter(tensors.values())).dtype
     (tmp / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, any_dtype), indent=2) + "\n")
     shards = _split(tensors, shard_bytes)
@@ -340,10 +361,185 @@ def save_hf_checkpoint(
             src = Path(tokenizer_dir) / fname
             if src.is_file():
                 shutil.copy2(src, tmp / fname)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    files = sorted({p.name for p in tmp.iterdir()} | {EXPORT_MARKER})
+    _write_marker(tmp / EXPORT_MARKER, files, complete=True)
+    for name in files:
+        _fsync(tmp / name)
+    _fsync(tmp)
+    return files
+
+
+# ---------------------------------------------------------------------------
+# The export directory: Ember replaces only what it wrote
+#
+# An export directory may be one the user already uses (a run directory, ``..``),
+# so an export never deletes or overwrites a file Ember did not write. Ember's
+# files are recognised by the marker every export ends with, which lists them.
+
+EXPORT_MARKER = "ember_export.json"
+_MARKER_FORMAT = "ember-hf-export"
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_INTERIM_MARKER = ".ember_export.interim.json"  # in the temporary directory, on its way to the export
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def _is_export_file(name: str) -> bool:
+    """Whether an export writes files of this name. A marker that lists any other name was
+    not written by Ember, and is not trusted to say which files may be removed."""
+    return name in (CONFIG_FILE, SINGLE_FILE, INDEX_FILE, EXPORT_MARKER, *TOKENIZER_FILES) or bool(_SHARD_NAME.match(name))
+
+
+def check_export_dir(directory: str | Path, *, overwrite: bool = False) -> list[str]:
+    """Checks that a Hugging Face export may be written to ``directory``; returns the files of
+    the earlier export there that it replaces (empty when there is none).
+
+    Allowed: a directory that does not exist, an empty one, and, with ``overwrite``, one
+    holding an earlier export (its ``ember_export.json`` names the files it consists of;
+    only those are replaced or removed, any other file there is left alone). Anything else
+    (a file, a directory holding files without that marker) raises ``ValueError``:
+    ``overwrite`` never lets an export into a directory Ember did not write."""
+    out = Path(os.path.abspath(directory))  # `..` named as the directory it is
+    if not out.exists():
+        if out.is_symlink():
+            raise ValueError(f"{out}: a symbolic link to nothing; pass a new or empty directory for the Hugging Face export")
+        return []
+    if not out.is_dir():
+        raise ValueError(f"{out}: a file, not a directory; pass a new or empty directory for the Hugging Face export")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return []
+    marker = out / EXPORT_MARKER
+    if not marker.is_file():
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ValueError(
+            f"{out}: holds files Ember did not write ({shown}); nothing was written. Pass a new or empty "
+            f"directory for the Hugging Face export (--overwrite replaces only an earlier export, "
+            f"a directory with {EXPORT_MARKER})"
+        )
+    earlier = _read_marker(marker)
+    if not overwrite:
+        raise ValueError(
+            f"{out}: holds an earlier Hugging Face export; nothing was written. Pass --overwrite "
+            "(overwrite=True) to replace it, or a new or empty directory"
+        )
+    return earlier
+
+
+def _read_marker(marker: Path) -> list[str]:
+    try:
+        raw = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw, why = None, f"unreadable ({e})"
+    else:
+        why = "not the list of files Ember writes there"
+    files = raw.get("files") if isinstance(raw, dict) and raw.get("format") == _MARKER_FORMAT else None
+    if not isinstance(files, list) or EXPORT_MARKER not in files or not all(isinstance(f, str) and _is_export_file(f) for f in files):
+        raise ValueError(
+            f"{marker}: {why}, so Ember cannot tell which files in {marker.parent} are its own; "
+            "nothing was written. Pass a new or empty directory for the Hugging Face export"
+        )
+    return files
+
+
+def _write_marker(path: Path, files: list[str], *, complete: bool) -> None:
+    path.write_text(json.dumps({"format": _MARKER_FORMAT, "complete": complete, "files": files}, indent=2) + "\n")
+
+
+def _interrupted_export(directory: Path) -> Path | None:
+    """The marker of an export into ``directory`` that was interrupted while it replaced an
+    earlier one (its files are a mix of both), else None."""
+    marker = directory / EXPORT_MARKER
+    try:
+        raw = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return marker if isinstance(raw, dict) and raw.get("format") == _MARKER_FORMAT and raw.get("complete") is False else None
+
+
+def _temp_dir_for(out: Path) -> Path:
+    """A new temporary directory beside ``out`` (on its file system, so the files move in by
+    renaming), after removing those that crashed exports into ``out`` left behind."""
+    out = out.resolve()
+    if out.name == "":
+        raise ValueError(f"{out}: the file system root cannot hold a Hugging Face export; pass a new or empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        m = _TEMP_NAME.match(leftover.name)
+        if m and m.group("name") == out.name and _is_own_leftover(leftover, int(m.group("pid"))):
+            shutil.rmtree(leftover)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir()
+    except FileExistsError:
+        raise ValueError(f"{tmp}: in the way of the temporary directory of the Hugging Face export; move it away") from None
+    return tmp
+
+
+def _is_own_leftover(path: Path, pid: int) -> bool:
+    """Whether ``path`` is a temporary export directory whose writer is gone: only export
+    files in it, and its process id (the name's) is this process or not running."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if not all(p.is_file() and not p.is_symlink() and (_is_export_file(p.name) or p.name == _INTERIM_MARKER) for p in path.iterdir()):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def _install_export(tmp: Path, out: Path, files: list[str], overwrite: bool) -> None:
+    """Moves the finished export in ``tmp`` to ``out``."""
+    earlier = check_export_dir(out, overwrite=overwrite)  # it may have changed while the weights were written
+    target = out.resolve()
+    if not earlier:
+        try:
+            os.replace(tmp, target)  # atomic; replaces only an empty directory
+        except OSError as e:
+            raise ValueError(f"{out}: changed while the Hugging Face export was written ({e.strerror}); nothing in it was replaced") from None
+    else:
+        _replace_export(tmp, target, files, earlier)
+    _fsync(target.parent)
+
+
+def _replace_export(tmp: Path, out: Path, files: list[str], earlier: list[str]) -> None:
+    """Replaces the earlier export in ``out`` file by file, leaving every file it does not list."""
+    listed = set(earlier)
+    clash = [f for f in files if (out / f).is_dir() or ((out / f).exists() and f not in listed)]
+    if clash:
+        raise ValueError(
+            f"{out}: {', '.join(clash)} would be replaced, but the earlier export's {EXPORT_MARKER} does not "
+            "list them (Ember did not write them); nothing was written. Move them away, or pass a new or empty directory"
+        )
+    # Until the new marker is in place the directory holds parts of both exports; the interim
+    # marker lists them all, so a crash leaves nothing Ember would not recognise as its own.
+    _write_marker(tmp / _INTERIM_MARKER, sorted(listed | set(files)), complete=False)
+    os.replace(tmp / _INTERIM_MARKER, out / EXPORT_MARKER)
+    for name in files:
+        if name != EXPORT_MARKER:
+            os.replace(tmp / name, out / name)
+    for name in sorted(listed - set(files)):
+        stale = out / name
+        if stale.is_file() or stale.is_symlink():  # never a directory: the export wrote none
+            stale.unlink()
+    os.replace(tmp / EXPORT_MARKER, out / EXPORT_MARKER)
+    tmp.rmdir()
+    _fsync(out)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def _split(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:

@@ -11,6 +11,10 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 
 
+# Measured values that may stop being finite when a run diverges: written as null then.
+DIVERGENCE_KEYS = frozenset({"loss", "grad_norm", "val_loss", "val_perplexity"})
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step to ``<run dir>/metrics.jsonl`` (main rank only)."""
 
@@ -57,11 +61,20 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        # None and NaN mean "not measured (yet)": leave them out so the file stays strict JSON.
-        record = {"step": step, **{k: v for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}}
+        record: dict[str, Any] = {"step": step}
+        for key, value in metrics.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                # A diverged loss is recorded, as null (strict JSON has no NaN or Infinity);
+                # other NaNs mean "not measured yet" and are left out, like None.
+                if key not in DIVERGENCE_KEYS and math.isnan(value):
+                    continue
+                value = None
+            elif value is None:
+                continue
+            record[key] = value
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self._tb is not None:
             for k, v in numeric.items():
                 self._tb.add_scalar(k, v, step)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,18 +30,31 @@ from ember.data import TokenLoader
 from ember.distributed import make_strategy
 from ember.model import Llama, LlamaConfig
 from ember.model.config import flops_per_token
-from ember.model.hf import save_hf_checkpoint, weights_loader
+from ember.model.hf import check_export_dir, save_hf_checkpoint, weights_loader
 from ember.model.parallelize import ParallelPlan
-from ember.train.checkpoint import Checkpointer, latest_checkpoint, list_checkpoints
+from ember.train.checkpoint import ARCHITECTURE_FILE, CONFIG_FILE, Checkpointer, latest_checkpoint, list_checkpoints, resume_checkpoint, step_dir_name, verify_checkpoint
 from ember.train.data import build_loaders
 from ember.train.metrics import MetricsLogger, perplexity
 from ember.train.optim import build_optimizer
+from ember.train.preemption import Preempted, StopRequest
+from ember.train.run_lock import hold_run_dir
 from ember.train.schedule import build_scheduler
 from ember.train.speed_monitor import SpeedMonitor
 from ember.train.state import TrainState
 
 RESOLVED_CONFIG = "config.yaml"
 HF_EXPORT_DIR = "hf"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm stayed non-finite (or the weights stopped being finite);
+    the run stopped without saving, and the message names the last good checkpoint."""
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # this rank's mean loss over the step's micro-batches (on the device)
+    grad_norm: torch.Tensor | None  # before clipping; None when the engine reports none
+    finite: bool  # loss and gradient norm finite on every rank; if not, no optimizer step was taken
 
 
 class PretrainingOrchestrator:
@@ -130,11 +145,59 @@ class PretrainingOrchestrator:
                 )
             return None
         if self.resume == "auto":
-            return latest_checkpoint(ckpt_dir)
+            return resume_checkpoint(ckpt_dir, self.strategy)
         path = Path(self.resume)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: checkpoint to resume from not found")
+        verify_checkpoint(path, self.strategy)
         return path
+
+    def _check_resumable(self, checkpoint: Path) -> None:
+        """Refuses to resume with settings that cannot change mid-run (the architecture, which
+        shapes the weights; seq_len and seed, which decide the data order), naming each."""
+        problems = []
+        saved_arch = checkpoint / ARCHITECTURE_FILE
+        if saved_arch.is_file():
+            old = json.loads(saved_arch.read_text())
+            new = dataclasses.asdict(self.llama_config)
+            problems += [f"model.{k}: {old[k]!r} in the checkpoint, {new[k]!r} now" for k in new if k in old and old[k] != new[k]]
+        saved_cfg = checkpoint / CONFIG_FILE
+        if saved_cfg.is_file():
+            old_cfg = yaml.safe_load(saved_cfg.read_text()) or {}
+            for section, key, now in (("data", "seq_len", self.config.data.seq_len), ("training", "seed", self.config.training.seed)):
+                was = (old_cfg.get(section) or {}).get(key, now)
+                if was != now:
+                    problems.append(f"{section}.{key}: {was!r} in the checkpoint, {now!r} now")
+        if problems:
+            raise ValueError(
+                f"{checkpoint}: cannot resume with these changes: {'; '.join(problems)}. They decide the weights' "
+                "shapes or the order of the data: set them back, or start a new run (logging.run_name)"
+            )
+
+    def _apply_optimizer_settings(self, state: TrainState) -> list[str]:
+        """After a resume, the config's learning rate, weight decay, betas and eps replace the
+        checkpoint's (the optimizer's saved groups would otherwise win: lowering the learning
+        rate after a loss spike must take effect). Returns what changed."""
+        t, sched = self.config.training, state.scheduler
+        changed: dict[str, str] = {}
+        for i, group in enumerate(state.optimizer.param_groups):
+            wanted = {
+                "weight_decay": t.weight_decay if group.get("name", "decay") == "decay" else 0.0,
+                "betas": tuple(t.betas),
+                "eps": t.eps,
+            }
+            for key, value in wanted.items():
+                old = tuple(group[key]) if key == "betas" else group[key]
+                if old != value:
+                    changed[f"training.{key}"] = f"training.{key} {list(old) if key == 'betas' else old} -> {list(value) if key == 'betas' else value}"
+                    group[key] = value
+            if sched.base_lrs[i] != t.learning_rate:
+                changed["training.learning_rate"] = f"training.learning_rate {sched.base_lrs[i]} -> {t.learning_rate}"
+                sched.base_lrs[i] = group["initial_lr"] = t.learning_rate
+                group["lr"] = t.learning_rate * sched.lr_lambdas[i](sched.last_epoch)
+        if changed:
+            sched._last_lr = [g["lr"] for g in state.optimizer.param_groups]  # what get_last_lr() reports
+        return list(changed.values())
 
     def train(self, *, sample_prompt: str | None = None) -> dict[str, Any]:
         """Runs training to the end and returns a summary. With ``sample_prompt`` and the
@@ -143,7 +206,8 @@ class PretrainingOrchestrator:
         s.setup()
         finished = False
         try:
-            summary = self._train()
+            with hold_run_dir(self.config.run_dir, s), StopRequest() as stop:  # before the run writes anything there
+                summary = self._train(stop)
             if sample_prompt is not None and (self.config.data.prepare.tokenizer or self.config.data.tokenizer) == "byte":
                 summary["sample"] = self.sample(sample_prompt)
             finished = True
@@ -155,36 +219,48 @@ class PretrainingOrchestrator:
                 self.model = None
             s.teardown(failed=not finished)
 
-    def _train(self) -> dict[str, Any]:
+    def _train(self, stop: StopRequest) -> dict[str, Any]:
         cfg, t, s = self.config, self.config.training, self.strategy
         resume_from = self._resume_point()
+        if cfg.checkpoint.export_hf and s.is_main:
+            check_export_dir(cfg.run_dir / HF_EXPORT_DIR, overwrite=True)  # refused now, not after training
         if s.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / RESOLVED_CONFIG).write_text(self.config_yaml)
+        if resume_from is not None:
+            self._check_resumable(resume_from)
         state = self.build_state()
         checkpointer = Checkpointer(cfg.checkpoint_dir, s, cfg.checkpoint.keep_last)
         if resume_from is not None:
             checkpointer.load(resume_from, state)
+            changed = self._apply_optimizer_settings(state)
         start_step = state.step
         last_step, stopped_by = self._last_step()
         deadline = None if t.time_budget is None else time.monotonic() + parse_duration(t.time_budget)
         monitor, logger = self._speed_monitor(), self._logger(last_step, start_step)
         if resume_from is not None:
             logger.message(f"resumed from {resume_from} at step {start_step}")
+            if changed:
+                logger.message("changed since that checkpoint, and applied: " + "; ".join(changed))
         batches = iter(state.loader)
         state.model.train()
-        loss_sum, loss_count = torch.zeros((), device=s.device), 0
+        loss_sum, loss_count, skip_streak = torch.zeros((), device=s.device), 0, 0
         try:
             while state.step < last_step:
-                loss, grad_norm = self.train_step(state, batches)
+                step = self.train_step(state, batches)
                 monitor.update(samples=self.samples_per_step, tokens=self.tokens_per_step)
-                loss_sum, loss_count = loss_sum + loss, loss_count + 1
-                if state.step % cfg.logging.log_every == 0 or state.step == last_step:
-                    self._log_step(state, logger, monitor, s.reduce_mean(loss_sum / loss_count), grad_norm)
+                loss_sum, loss_count = loss_sum + step.loss, loss_count + 1
+                skip_streak = 0 if step.finite else skip_streak + 1
+                if state.step % cfg.logging.log_every == 0 or state.step == last_step or not step.finite:
+                    self._log_step(state, logger, monitor, s.reduce_mean(loss_sum / loss_count), step.grad_norm)
                     loss_sum, loss_count = torch.zeros_like(loss_sum), 0
                     if deadline is not None and s.broadcast_flag(time.monotonic() > deadline):
                         stopped_by = "time_budget"
                         break
+                if not step.finite:
+                    self._on_skipped_step(state, logger, skip_streak)
+                if s.any_rank(stop.requested):
+                    self._preempted(state, checkpointer, logger, stop)
                 if self.val_loader is not None and _due(t.eval_every, state.step, last_step):
                     self._validate(state, logger)
                 if _due(cfg.checkpoint.every_n_steps, state.step, last_step):
@@ -196,10 +272,13 @@ class PretrainingOrchestrator:
         self.model = state.model
         return summary
 
-    def train_step(self, state: TrainState, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def train_step(self, state: TrainState, batches: Iterator[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches from ``batches``.
-        Returns the step's mean loss on this rank (a device tensor: no host sync) and the
-        gradient norm before clipping (None when the engine reports none)."""
+
+        When the loss or the gradient norm is not finite on any rank, every rank skips the
+        optimizer step (the batch is still consumed and the schedule still advances, so the
+        data order and step numbering do not depend on it) and ``state.skipped_steps`` grows.
+        Deciding that costs one host sync per step."""
         t, s = self.config.training, self.strategy
         accumulation = t.gradient_accumulation_steps
         step_loss = torch.zeros((), device=s.device)
@@ -214,16 +293,27 @@ class PretrainingOrchestrator:
             step_loss += loss.detach()
         state.scaler.unscale_(state.optimizer)
         grad_norm = s.clip_grad_norm(t.clip_grad_norm)
-        if state.scaler.is_enabled():
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-            state.optimizer.zero_grad(set_to_none=True)
+        # Under fp16 a loss scaler (ours, or DeepSpeed's) skips steps whose gradients
+        # overflowed and lowers its scale: routine, not divergence, so there only the loss
+        # decides. DeepSpeed has stepped already; non-finite weights show in the next loss.
+        norm_decides = s.can_skip_step and not state.scaler.is_enabled()
+        finite = s.all_finite(step_loss, grad_norm if norm_decides else None)
+        if finite or not s.can_skip_step:
+            if state.scaler.is_enabled():
+                state.scaler.step(state.optimizer)
+                state.scaler.update()
+                state.optimizer.zero_grad(set_to_none=True)
+            else:
+                s.optimizer_step()
         else:
-            s.optimizer_step()
+            if state.scaler.is_enabled():
+                state.scaler.update()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.skipped_steps += 1
         state.scheduler.step()
         state.step += 1
         state.tokens_seen += self.tokens_per_step
-        return step_loss, grad_norm
+        return StepResult(step_loss, grad_norm, finite)
 
     # -- the loop's parts -----------------------------------------------------
 
@@ -269,12 +359,48 @@ class PretrainingOrchestrator:
             config=cfg.to_dict(),
         )
 
+    def _on_skipped_step(self, state: TrainState, logger: MetricsLogger, streak: int) -> None:
+        """Warns about a skipped (non-finite) step; stops the run when it cannot go on."""
+        t = self.config.training
+        if self.strategy.can_skip_step and streak < t.max_skipped_steps:
+            logger.message(
+                f"step {state.step}: loss or gradient norm not finite; optimizer step skipped "
+                f"({streak} in a row, the run stops at {t.max_skipped_steps}: training.max_skipped_steps)"
+            )
+            return
+        if self.strategy.can_skip_step:
+            why = f"loss or gradient norm not finite for {streak} steps in a row (training.max_skipped_steps)"
+        else:
+            why = f"loss or gradient norm not finite at step {state.step}, after the {self.strategy.name} engine had stepped"
+        self._diverged(why)
+
+    def _preempted(self, state: TrainState, checkpointer: Checkpointer, logger: MetricsLogger, stop: StopRequest) -> None:
+        """Saves this step (every rank takes part) and stops with :class:`Preempted`."""
+        path = checkpointer.directory / step_dir_name(state.step)
+        if not path.is_dir():
+            self._save(checkpointer, state, logger)
+        if stop.signum is not None:
+            signum, name = stop.signum, stop.name
+        else:  # the signal reached another rank first
+            signum, name = signal.SIGTERM, "a signal to another rank"
+        raise Preempted(f"stopped by {name} after step {state.step}, saved in {path}; continue with --resume auto", signum)
+
+    def _diverged(self, why: str) -> None:
+        good = latest_checkpoint(self.config.checkpoint_dir)
+        advice = "lower training.learning_rate (or raise training.warmup_steps)"
+        if good is None:
+            then = f"this run has no checkpoint yet: {advice} and start again"
+        else:
+            then = f"the last good checkpoint is {good}: {advice} and resume from it with --resume auto"
+        raise TrainingDiverged(f"training diverged: {why}; stopped without saving; {then}")
+
     def _log_step(self, state: TrainState, logger: MetricsLogger, monitor: SpeedMonitor, loss: torch.Tensor,
                   grad_norm: torch.Tensor | None) -> None:
         metrics: dict[str, Any] = {"loss": loss.item()}
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm.item()
-        metrics.update({"lr": state.scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen, **monitor.compute()})
+        metrics.update({"lr": state.scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen,
+                        "skipped_steps": state.skipped_steps, **monitor.compute()})
         logger.log(state.step, metrics)
         logger.progress(state.step, metrics)
 
@@ -285,7 +411,13 @@ class PretrainingOrchestrator:
         logger.message(f"step {state.step}: validation loss {val['val_loss']:.4f}, perplexity {val['val_perplexity']:.2f}")
         return val
 
+    def _check_weights_finite(self, state: TrainState) -> None:
+        """No checkpoint or export is ever written from non-finite weights."""
+        if not self.strategy.all_finite(*state.model.parameters()):
+            self._diverged(f"the weights are not finite at step {state.step}")
+
     def _save(self, checkpointer: Checkpointer, state: TrainState, logger: MetricsLogger) -> None:
+        self._check_weights_finite(state)
         path = checkpointer.save(state, self.config_yaml, dataclasses.asdict(self.llama_config))
         logger.message(f"saved checkpoint {path}")
 
@@ -301,6 +433,7 @@ class PretrainingOrchestrator:
         if cfg.checkpoint.save_final and state.step > start_step:
             self._save(checkpointer, state, logger)
         if cfg.checkpoint.export_hf and state.step > start_step:
+            self._check_weights_finite(state)
             summary["hf_dir"] = str(self.export_hf(cfg.run_dir / HF_EXPORT_DIR))
             logger.message(f"wrote Hugging Face weights to {summary['hf_dir']}")
         return summary
@@ -321,12 +454,15 @@ class PretrainingOrchestrator:
                 self.llama_config,
                 dtype=torch.bfloat16 if bf16 else torch.float32,
                 tokenizer_dir=tok if tok.is_dir() else None,
+                overwrite=True,  # a resumed run replaces its own earlier export; files Ember did not write still refuse it
             )
         self.strategy.barrier()
         return directory
 
     def sample(self, prompt: str, max_new_tokens: int = 200) -> str:
-        """Text continuing ``prompt`` (byte tokenizer), sampled with a fixed seed. Every rank calls it."""
+        """Text continuing ``prompt`` (byte tokenizer), sampled with a fixed seed. Every rank
+        calls it; where the strategy shards the model, the main rank samples from the gathered
+        weights and the other ranks return ""."""
         from ember.data.tokenizer import ByteTokenizer
 
         if self.model is None:
@@ -334,11 +470,13 @@ class PretrainingOrchestrator:
                 "no trained model to sample from: a distributed train() releases it with the process group "
                 "(pass sample_prompt to train(), or load the run's checkpoint or Hugging Face export)"
             )
+        model = self.strategy.model_for_generation(lambda: Llama(self.llama_config))
+        if model is None:
+            return ""
         tok = ByteTokenizer()
         device = self.strategy.device
         ids = torch.tensor([tok.encode(prompt, eos=False)], device=device)
         generator = torch.Generator(device=device).manual_seed(0)
-        model = self.strategy.unwrap(self.model)
         out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, generator=generator)
         return tok.decode(out[0].tolist())
 

@@ -42,12 +42,14 @@ class TrainState:
     loader: TokenLoader  # the training data
     step: int = 0
     tokens_seen: int = 0
+    skipped_steps: int = 0  # steps whose loss or gradient norm was not finite (no optimizer step)
 
     def state_dict(self) -> dict[str, Any]:
         """The run's progress beside the model and optimizer (which the strategy saves)."""
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -56,6 +58,7 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped_steps = state.get("skipped_steps", 0)  # absent from checkpoints of earlier versions
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         self.scaler.load_state_dict(state["scaler"])
