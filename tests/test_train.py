@@ -420,3 +420,5 @@ def test_resume_refuses_changes_that_cannot_apply_naming_each_key(tmp_path, corp
     with pytest.raises(ValueError, match=r"cannot resume with these changes: model.num_hidden_layers: 2 in the checkpoint, 3 now; "
                        r"data.seq_len: 64 in the checkpoint, 32 now; training.seed: 7 in the checkpoint, 8 now"):
         PretrainingOrchestrator(config_from_dict(changed), resume="auto").train()
+    # The run's saved config still describes the run, so `ember train runs/t/config.yaml --resume auto` works.
+    assert yaml.safe_load((tmp_path / "runs" / "t" / "config.yaml").read_text())["data"]["seq_len"] == 64

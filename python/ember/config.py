@@ -157,7 +157,7 @@ class FSDPSection:
     activation_checkpointing_policy: str | None = None
     cpu_offload: bool = False
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
-    replicate_degree: int | None = None  # HYBRID_SHARD: ranks per replica group
+    replicate_degree: int | None = None  # HYBRID_SHARD: how many replica groups (default: one per node)
 
 
     def activation_checkpointing_mode(self) -> str:

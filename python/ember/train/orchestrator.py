@@ -224,11 +224,11 @@ class PretrainingOrchestrator:
         resume_from = self._resume_point()
         if cfg.checkpoint.export_hf and s.is_main:
             check_export_dir(cfg.run_dir / HF_EXPORT_DIR, overwrite=True)  # refused now, not after training
+        if resume_from is not None:
+            self._check_resumable(resume_from)  # before config.yaml records settings it refuses
         if s.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / RESOLVED_CONFIG).write_text(self.config_yaml)
-        if resume_from is not None:
-            self._check_resumable(resume_from)
         state = self.build_state()
         checkpointer = Checkpointer(cfg.checkpoint_dir, s, cfg.checkpoint.keep_last)
         if resume_from is not None:
